@@ -1,0 +1,153 @@
+"""Low-rank linear: y = (x U) V + bias.
+
+Shapes: x (..., d_in), U (d_in, r), V (r, d_out), bias (d_out,) -> y (..., d_out).
+
+* ``lowrank_linear_reference``: two plain matmuls; the eager fallback and the test oracle.
+* Triton path: forward is one kernel (``chain_matmul``) that keeps each row block's x U on chip;
+  backward forms the rank-r intermediate g = dy V^T once (fused with dx = g U^T), then the weight
+  gradients dU = x^T g and dV = (x U)^T dy as split-K products over the token dimension.
+* Both Triton passes are ``torch.library`` custom ops with fake (meta) implementations and a
+  registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import use_triton
+from ._validate import autocast_dtype, check_same, check_tensor
+
+__all__ = ["lowrank_linear", "lowrank_linear_reference"]
+
+
+def lowrank_linear_reference(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Eager reference: ``(x @ U) @ V + bias``, differentiable by PyTorch autograd.
+
+    The association (x U) V is the cheap one whenever r < d_in * d_out / (d_in + d_out).
+    """
+    y = (x @ U) @ V
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+# ---------------------------------------------------------------------------- custom ops (Triton)
+
+@torch.library.custom_op("lrkd_fast::lowrank_linear_fwd", mutates_args=())
+def _fwd_op(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor], save_xu: bool) -> tuple[Tensor, Tensor]:
+    from lrkd_fast.kernels import chain_matmul
+
+    y, xu = chain_matmul(x, U, V, bias, store_t=save_xu)
+    if xu is None:
+        xu = x.new_empty(0)
+    return y, xu
+
+
+@_fwd_op.register_fake
+def _(x, U, V, bias, save_xu):
+    y = x.new_empty(x.shape[0], V.shape[1])
+    xu = x.new_empty(x.shape[0], U.shape[1]) if save_xu else x.new_empty(0)
+    return y, xu
+
+
+@torch.library.custom_op("lrkd_fast::lowrank_linear_bwd", mutates_args=())
+def _bwd_op(dy: Tensor, x: Tensor, U: Tensor, V: Tensor, xu: Tensor, need_dx: bool, need_dU: bool,
+            need_dV: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from lrkd_fast.kernels import chain_matmul, matmul
+
+    dy = dy.contiguous()
+    empty = dy.new_empty(0)
+    dx, dU, dV, db = empty, empty, empty, empty
+    if need_dx:
+        dx, g = chain_matmul(dy, V.t(), U.t(), store_t=need_dU)
+    elif need_dU:
+        g = matmul(dy, V.t(), split_k=1)
+    if need_dU:
+        dU = matmul(x.t(), g)
+    if need_dV:
+        dV = matmul(xu.t(), dy)
+    if need_db:
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dU, dV, db
+
+
+@_bwd_op.register_fake
+def _(dy, x, U, V, xu, need_dx, need_dU, need_dV, need_db):
+    empty = dy.new_empty(0)
+    return (dy.new_empty(x.shape) if need_dx else empty,
+            dy.new_empty(U.shape) if need_dU else empty,
+            dy.new_empty(V.shape) if need_dV else empty,
+            dy.new_empty(V.shape[1]) if need_db else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, V, bias, save_xu = inputs
+    _, xu = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, U, V, xu)
+
+
+def _backward(ctx, dy, _dxu):
+    x, U, V, xu = ctx.saved_tensors
+    need_x, need_U, need_V, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    if need_V and xu.numel() == 0 and x.shape[0] > 0:
+        raise RuntimeError("lowrank_linear: V needs a gradient but x U was not saved in the forward; "
+                           "call lowrank_linear with the same requires_grad flags in forward and backward")
+    dx, dU, dV, db = _bwd_op(dy, x, U, V, xu, bool(need_x), bool(need_U), bool(need_V), bool(need_b))
+    return (dx if need_x else None, dU if need_U else None, dV if need_V else None,
+            db if need_b else None, None)
+
+
+torch.library.register_autograd("lrkd_fast::lowrank_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+
+def _validate(x, U, V, bias):
+    check_tensor("x", x, min_dim=1)
+    check_tensor("U", U, dim=2)
+    check_tensor("V", V, dim=2)
+    if bias is not None:
+        check_tensor("bias", bias, dim=1)
+    d_in, r = U.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but U has d_in={d_in} rows "
+                         f"(x {tuple(x.shape)}, U {tuple(U.shape)})")
+    if V.shape[0] != r:
+        raise ValueError(f"V must have r={r} rows to match U {tuple(U.shape)}, got V {tuple(V.shape)}")
+    if r == 0:
+        raise ValueError("rank must be at least 1: U has 0 columns")
+    if bias is not None and bias.shape[0] != V.shape[1]:
+        raise ValueError(f"bias must have d_out={V.shape[1]} elements, got shape {tuple(bias.shape)}")
+    check_same(("x", "U", "V", "bias"), (x, U, V, bias))
+
+
+def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = (x U) V + bias.
+
+    Args:
+        x: (..., d_in) input, any number of leading dims, contiguous or not.
+        U: (d_in, r) first factor.
+        V: (r, d_out) second factor.
+        bias: optional (d_out,).
+    Returns:
+        (..., d_out), in the inputs' dtype (or the autocast dtype when autocast is on).
+
+    Runs the fused Triton kernels or the eager reference as :mod:`lrkd_fast.backend` decides.
+    """
+    ac = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if ac is not None:
+        x, U, V = x.to(ac), U.to(ac), V.to(ac)
+        bias = bias.to(ac) if bias is not None else None
+    _validate(x, U, V, bias)
+    if not use_triton(x, U, V, bias, op="lowrank_linear"):
+        return lowrank_linear_reference(x, U, V, bias)
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    save_xu = torch.is_grad_enabled() and V.requires_grad
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = _fwd_op(x2, U, V, bias, save_xu)
+    return y.reshape(*lead, V.shape[1])
