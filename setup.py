@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ is Triton-only code installed as lrkd_fast.kernels: a top-level `kernels`
     # package would shadow Hugging Face's hub-kernels library, which transformers imports.
-    packages=find_packages(include=["lrkd_fast", "lrkd_fast.*"]) + ["lrkd_fast.kernels"],
-    package_dir={"lrkd_fast.kernels": "kernels"},
+    # benchmarks/ ships as lrkd_fast.benchmarks so `lrkd-fast bench` works from any install.
+    packages=find_packages(include=["lrkd_fast", "lrkd_fast.*"]) + ["lrkd_fast.kernels", "lrkd_fast.benchmarks"],
+    package_dir={"lrkd_fast.kernels": "kernels", "lrkd_fast.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.5",
         "triton>=3.0; platform_system == 'Linux'",
