@@ -58,8 +58,8 @@ def _bwd_op(dy: Tensor, x: Tensor, U: Tensor, V: Tensor, xu: Tensor, need_dx: bo
     from lrkd_fast.kernels import chain_matmul, matmul
 
     dy = dy.contiguous()
-    empty = dy.new_empty(0)
-    dx, dU, dV, db = empty, empty, empty, empty
+    # distinct empty placeholders: custom-op outputs may not alias each other
+    dx, dU, dV, db = (dy.new_empty(0) for _ in range(4))
     if need_dx:
         dx, g = chain_matmul(dy, V.t(), U.t(), store_t=need_dU)
     elif need_dU:
@@ -75,11 +75,10 @@ def _bwd_op(dy: Tensor, x: Tensor, U: Tensor, V: Tensor, xu: Tensor, need_dx: bo
 
 @_bwd_op.register_fake
 def _(dy, x, U, V, xu, need_dx, need_dU, need_dV, need_db):
-    empty = dy.new_empty(0)
-    return (dy.new_empty(x.shape) if need_dx else empty,
-            dy.new_empty(U.shape) if need_dU else empty,
-            dy.new_empty(V.shape) if need_dV else empty,
-            dy.new_empty(V.shape[1]) if need_db else empty)
+    return (dy.new_empty(x.shape) if need_dx else dy.new_empty(0),
+            dy.new_empty(U.shape) if need_dU else dy.new_empty(0),
+            dy.new_empty(V.shape) if need_dV else dy.new_empty(0),
+            dy.new_empty(V.shape[1]) if need_db else dy.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

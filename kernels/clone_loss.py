@@ -1,0 +1,259 @@
+"""Activation-cloning MSE kernels: the loss and the student gradient in one pass.
+
+* ``grouped_mse``: sum((s - t)^2) for every same-width (student, teacher) pair of a layer in ONE
+  launch. A small int64 table on the device holds each pair's addresses, size, row width and the
+  first program of its range; each program finds its pair, streams a contiguous chunk, writes the
+  gradient ``scale * (s - t)`` for that chunk and one fp32 partial sum.
+* ``projected_mse``: sum((s - t @ P)^2) as a GEMM whose epilogue subtracts the student tile,
+  squares, writes the gradient tile ``scale * (s - t P)`` and one fp32 partial per tile. The
+  product t @ P never exists as a tensor.
+
+Rows whose mask entry is 0 contribute nothing and get a zero gradient. Partial sums are written
+to fixed slots and reduced in a fixed order afterwards (no float atomics), so results are
+bitwise reproducible for a given device and kernel configuration. Launchers take tensors and
+return tensors; they know nothing of autograd, weights or reductions (``scale`` comes in as a
+device tensor, so the caller never has to synchronize to read a mask count).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import autotune_configs, dot_in_fp32, interpreted
+
+# Rows of the per-pair table built on the host for grouped_mse.
+_S_ADDR, _T_ADDR, _G_ADDR, _NUMEL, _WIDTH, _FIRST_BLOCK, _STORE_G = range(7)
+_TABLE_ROWS = 7
+
+
+@triton.jit
+def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
+               HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr):
+    # BOUNDED=False is the interior fast path: no bounds mask, so loads and stores vectorize.
+    if BOUNDED:
+        inb = offs < numel
+        s = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + offs).to(tl.float32)
+        t = tl.load(t_ptr + offs).to(tl.float32)
+    d = s - t
+    if HAS_MASK:
+        if BOUNDED:
+            keep = tl.load(mask_ptr + offs // width, mask=inb, other=0)
+        else:
+            keep = tl.load(mask_ptr + offs // width)
+        d = tl.where(keep != 0, d, 0.0)
+    if BOUNDED:
+        tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=inb & store_g)
+    else:
+        tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=store_g)
+    return acc + d * d
+
+
+@triton.jit
+def _grouped_mse_kernel(table_ptr, scale_ptr, mask_ptr, partial_ptr, carrier_ptr,
+                        n_terms, max_blocks,
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    pid = tl.program_id(0)
+    # Which pair this program belongs to: count the pairs whose first program is <= pid.
+    term = pid * 0
+    for j in range(1, n_terms):
+        term += (pid >= tl.load(table_ptr + _FIRST_BLOCK * n_terms + j)).to(tl.int32)
+    local = pid - tl.load(table_ptr + _FIRST_BLOCK * n_terms + term).to(tl.int32)
+
+    # Addresses come from the table; the dtype comes from `carrier_ptr` (every pair of one
+    # launch shares it). The host guarantees 16-byte aligned addresses.
+    ptr_ty = tl.pointer_type(carrier_ptr.dtype.element_ty)
+    s_ptr = tl.multiple_of(tl.load(table_ptr + _S_ADDR * n_terms + term), 16).to(ptr_ty)
+    t_ptr = tl.multiple_of(tl.load(table_ptr + _T_ADDR * n_terms + term), 16).to(ptr_ty)
+    g_ptr = tl.multiple_of(tl.load(table_ptr + _G_ADDR * n_terms + term), 16).to(ptr_ty)
+    numel = tl.load(table_ptr + _NUMEL * n_terms + term)
+    width = tl.load(table_ptr + _WIDTH * n_terms + term)
+    store_g = tl.load(table_ptr + _STORE_G * n_terms + term) != 0
+    scale = tl.load(scale_ptr + term)
+
+    start = local.to(tl.int64) * BLOCK
+    acc = tl.zeros((SUB,), dtype=tl.float32)
+    if start + BLOCK <= numel:
+        for i in tl.static_range(0, BLOCK, SUB):
+            offs = start + i + tl.arange(0, SUB)
+            acc = _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
+                             HAS_MASK=HAS_MASK, BOUNDED=False)
+    else:
+        for i in tl.static_range(0, BLOCK, SUB):
+            offs = start + i + tl.arange(0, SUB)
+            acc = _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
+                             HAS_MASK=HAS_MASK, BOUNDED=True)
+    tl.store(partial_ptr + term * max_blocks + local, tl.sum(acc, axis=0))
+
+
+def _grouped_block_sizes() -> tuple[int, int, int]:
+    """(elements per program, elements per inner step, warps)."""
+    if interpreted():
+        return 1024, 1024, 4
+    return 8192, 2048, 8
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scale: torch.Tensor,
+                mask: torch.Tensor | None = None, store_grad: list[bool] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Sum of squared differences of same-shape pairs, and their scaled differences.
+
+    students[i], teachers[i]: same shape (..., d_i); every tensor of one call shares one dtype and
+    device (the caller groups by dtype). scale: (n,) fp32 on the device, the gradient factor of
+    each pair. mask: optional (R,) uint8 over the rows (all leading dims flattened) that every
+    pair then has. store_grad[i]: whether to write pair i's gradient.
+
+    Returns ``(sums, grads)``: sums (n,) fp32, sum over kept elements of (s - t)^2; grads[i] is
+    ``scale[i] * (s - t)`` with masked rows 0, in the students' dtype (None where not stored).
+    """
+    n = len(students)
+    if n == 0:
+        raise ValueError("grouped_mse needs at least one pair")
+    dev, dtype = students[0].device, students[0].dtype
+    store_grad = [True] * n if store_grad is None else list(store_grad)
+    block, sub, warps = _grouped_block_sizes()
+
+    s_c = [_aligned(s) for s in students]
+    t_c = [_aligned(t) for t in teachers]
+    grads = [torch.empty_like(s) if sg else None for s, sg in zip(s_c, store_grad)]
+    numels = [s.numel() for s in s_c]
+    blocks = [triton.cdiv(m, block) for m in numels]
+    first, total = [], 0
+    for b in blocks:
+        first.append(total)
+        total += b
+    max_blocks = max(max(blocks), 1)
+    partials = torch.zeros(n, max_blocks, dtype=torch.float32, device=dev)
+    if total > 0:
+        rows = [[s.data_ptr() for s in s_c],
+                [t.data_ptr() for t in t_c],
+                [(g if g is not None else s).data_ptr() for g, s in zip(grads, s_c)],
+                numels,
+                [max(s.shape[-1], 1) if s.dim() else 1 for s in s_c],
+                first,
+                [int(sg) for sg in store_grad]]
+        table = torch.tensor(rows, dtype=torch.int64).reshape(-1).to(dev, non_blocking=True)
+        scale = scale.to(device=dev, dtype=torch.float32).contiguous()
+        mask_arg = mask if mask is not None else partials
+        _grouped_mse_kernel[(total,)](table, scale, mask_arg, partials, s_c[0], n, max_blocks,
+                                      HAS_MASK=mask is not None, BLOCK=block, SUB=sub, num_warps=warps)
+    # fixed-shape, fixed-order reduction of the partials: deterministic
+    sums = partials.sum(dim=1)
+    out_grads = [g.view(s.shape) if g is not None else None for g, s in zip(grads, students)]
+    return sums, out_grads
+
+
+def _projected_configs():
+    cfgs = []
+    for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                             (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=w, num_stages=s))
+    # small, interpreter-friendly config first (kept alone when interpreted)
+    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)] + cfgs
+
+
+# Smallest tile of any config: the partials buffer holds one slot per tile of the finest tiling.
+_MIN_TILE_M, _MIN_TILE_N = 32, 32
+
+
+# reset_to_zero: a coarser config fills fewer slots than a finer one benchmarked before it.
+@triton.autotune(configs=autotune_configs(_projected_configs()), key=["M_BUCKET", "N", "K", "HAS_MASK", "STORE_G"],
+                 reset_to_zero=["partial_ptr"])
+@triton.jit
+def _projected_mse_kernel(t_ptr, p_ptr, s_ptr, g_ptr, mask_ptr, scale_ptr, partial_ptr,
+                          M, N, K, M_BUCKET,
+                          s_tm, s_tk, s_pk, s_pn, s_sm, s_sn, s_gm, s_gn,
+                          HAS_MASK: tl.constexpr, STORE_G: tl.constexpr, DOT_FP32: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: consecutive programs share rows of the teacher in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(t_ptr + rows[:, None] * s_tm + kk[None, :] * s_tk,
+                    mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(p_ptr + kk[:, None] * s_pk + offs_n[None, :] * s_pn,
+                    mask=(kk[:, None] < K) & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+
+    # epilogue: d = s - t P on this tile; the product stays in fp32 registers
+    tile_mask = m_mask[:, None] & n_mask[None, :]
+    s = tl.load(s_ptr + rows[:, None] * s_sm + offs_n[None, :] * s_sn, mask=tile_mask, other=0.0)
+    d = s.to(tl.float32) - acc
+    keep = tile_mask
+    if HAS_MASK:
+        row_keep = tl.load(mask_ptr + offs_m, mask=m_mask, other=0) != 0
+        keep = keep & row_keep[:, None]
+    d = tl.where(keep, d, 0.0)
+    if STORE_G:
+        scale = tl.load(scale_ptr)
+        tl.store(g_ptr + rows[:, None] * s_gm + offs_n[None, :] * s_gn,
+                 (d * scale).to(g_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(partial_ptr + pid, tl.sum(tl.sum(d * d, axis=1), axis=0))
+
+
+def projected_mse(student: torch.Tensor, teacher: torch.Tensor, proj: torch.Tensor, scale: torch.Tensor,
+                  mask: torch.Tensor | None = None, store_grad: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of (s - t @ P)^2 and the gradient tile ``scale * (s - t @ P)``, fused in one GEMM.
+
+    student (M, N), teacher (M, K), proj (K, N), one dtype and device (any strides). scale: (1,)
+    fp32 on the device. mask: optional (M,) uint8, rows with 0 are left out (gradient 0).
+    Returns ``(sum, grad)``: sum a 0-dim fp32 tensor, grad (M, N) in the student's dtype or None.
+    """
+    for name, t in (("student", student), ("teacher", teacher), ("proj", proj)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    M, N = student.shape
+    K = teacher.shape[1]
+    if teacher.shape[0] != M or proj.shape != (K, N):
+        raise ValueError(f"shapes do not chain: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}, "
+                         f"proj {tuple(proj.shape)}")
+    dev = student.device
+    grad = torch.empty(M, N, dtype=student.dtype, device=dev) if store_grad else None
+    if M == 0 or N == 0:
+        return torch.zeros((), dtype=torch.float32, device=dev), grad
+    n_slots = triton.cdiv(M, _MIN_TILE_M) * triton.cdiv(N, _MIN_TILE_N)
+    partials = torch.zeros(n_slots, dtype=torch.float32, device=dev)
+    scale = scale.to(device=dev, dtype=torch.float32).contiguous()
+    g = grad if grad is not None else student  # dummy pointer when not stored
+    mask_arg = mask if mask is not None else partials
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _projected_mse_kernel[grid](teacher, proj, student, g, mask_arg, scale, partials,
+                                M, N, K, triton.next_power_of_2(M),
+                                teacher.stride(0), teacher.stride(1), proj.stride(0), proj.stride(1),
+                                student.stride(0), student.stride(1), g.stride(0), g.stride(1),
+                                HAS_MASK=mask is not None, STORE_G=store_grad,
+                                DOT_FP32=dot_in_fp32(teacher.dtype))
+    return partials.sum(), grad
