@@ -22,9 +22,8 @@ import triton.language as tl
 
 from .utils import autotune_configs, dot_in_fp32, interpreted
 
-# Rows of the per-pair table built on the host for grouped_mse.
-_S_ADDR, _T_ADDR, _G_ADDR, _NUMEL, _WIDTH, _FIRST_BLOCK, _STORE_G = range(7)
-_TABLE_ROWS = 7
+# Rows of the per-pair table built on the host for grouped_mse (constexpr: read inside the kernel).
+_S_ADDR, _T_ADDR, _G_ADDR, _NUMEL, _WIDTH, _FIRST_BLOCK, _STORE_G = (tl.constexpr(i) for i in range(7))
 
 
 @triton.jit
@@ -45,10 +44,11 @@ def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g
         else:
             keep = tl.load(mask_ptr + offs // width)
         d = tl.where(keep != 0, d, 0.0)
-    if BOUNDED:
-        tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=inb & store_g)
-    else:
-        tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=store_g)
+    if store_g:
+        if BOUNDED:
+            tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=inb)
+        else:
+            tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty))
     return acc + d * d
 
 
@@ -64,11 +64,12 @@ def _grouped_mse_kernel(table_ptr, scale_ptr, mask_ptr, partial_ptr, carrier_ptr
     local = pid - tl.load(table_ptr + _FIRST_BLOCK * n_terms + term).to(tl.int32)
 
     # Addresses come from the table; the dtype comes from `carrier_ptr` (every pair of one
-    # launch shares it). The host guarantees 16-byte aligned addresses.
+    # launch shares it). The host guarantees 16-byte aligned addresses; the hint on the cast
+    # pointer (not on the integer) is what lets the compiler emit 16-byte vector accesses.
     ptr_ty = tl.pointer_type(carrier_ptr.dtype.element_ty)
-    s_ptr = tl.multiple_of(tl.load(table_ptr + _S_ADDR * n_terms + term), 16).to(ptr_ty)
-    t_ptr = tl.multiple_of(tl.load(table_ptr + _T_ADDR * n_terms + term), 16).to(ptr_ty)
-    g_ptr = tl.multiple_of(tl.load(table_ptr + _G_ADDR * n_terms + term), 16).to(ptr_ty)
+    s_ptr = tl.multiple_of(tl.load(table_ptr + _S_ADDR * n_terms + term).to(ptr_ty), 16)
+    t_ptr = tl.multiple_of(tl.load(table_ptr + _T_ADDR * n_terms + term).to(ptr_ty), 16)
+    g_ptr = tl.multiple_of(tl.load(table_ptr + _G_ADDR * n_terms + term).to(ptr_ty), 16)
     numel = tl.load(table_ptr + _NUMEL * n_terms + term)
     width = tl.load(table_ptr + _WIDTH * n_terms + term)
     store_g = tl.load(table_ptr + _STORE_G * n_terms + term) != 0
@@ -117,7 +118,13 @@ def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scal
     n = len(students)
     if n == 0:
         raise ValueError("grouped_mse needs at least one pair")
-    dev, dtype = students[0].device, students[0].dtype
+    if len(teachers) != n:
+        raise ValueError(f"{n} students but {len(teachers)} teachers")
+    for i, (s, t) in enumerate(zip(students, teachers)):
+        if s.shape != t.shape or s.dtype != students[0].dtype or t.dtype != s.dtype:
+            raise ValueError(f"pair {i}: student {tuple(s.shape)} {s.dtype} and teacher {tuple(t.shape)} {t.dtype} "
+                             f"must have the same shape and the dtype of pair 0")
+    dev = students[0].device
     store_grad = [True] * n if store_grad is None else list(store_grad)
     block, sub, warps = _grouped_block_sizes()
 
@@ -158,7 +165,8 @@ def _projected_configs():
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=w, num_stages=s))
     # small, interpreter-friendly config first (kept alone when interpreted)
-    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)] + cfgs
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)
+    return [small] + cfgs
 
 
 # Smallest tile of any config: the partials buffer holds one slot per tile of the finest tiling.
@@ -166,8 +174,8 @@ _MIN_TILE_M, _MIN_TILE_N = 32, 32
 
 
 # reset_to_zero: a coarser config fills fewer slots than a finer one benchmarked before it.
-@triton.autotune(configs=autotune_configs(_projected_configs()), key=["M_BUCKET", "N", "K", "HAS_MASK", "STORE_G"],
-                 reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=autotune_configs(_projected_configs()),
+                 key=["M_BUCKET", "N", "K", "HAS_MASK", "STORE_G"], reset_to_zero=["partial_ptr"])
 @triton.jit
 def _projected_mse_kernel(t_ptr, p_ptr, s_ptr, g_ptr, mask_ptr, scale_ptr, partial_ptr,
                           M, N, K, M_BUCKET,

@@ -82,7 +82,8 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
         m_t = m_t_new
     log_z_sT = tl.log(z_sT)
     log_z_tT = tl.log(z_tT)
-    log_z_s1 = tl.log(z_s1)
+    if HAS_CE:
+        log_z_s1 = tl.log(z_s1)
 
     # ---- pass 2: the KL sum (and, for forward KL, the gradient in the same sweep)
     kl = tl.zeros((), tl.float32)

@@ -5,13 +5,31 @@ beside each op, and the layer that swaps them into Hugging Face models.
 """
 from .backend import BackendUnavailableError, get_backend, set_backend
 from .layers import LowRankLinear
-from .ops import lowrank_linear, lowrank_linear_reference
+from .ops import (CloneLoss, KDLoss, clone_loss, clone_loss_reference, clone_mse, kd_loss, kd_loss_reference,
+                  lowrank_linear, lowrank_linear_reference)
+from .swap import LowRankConfig, load_lowrank, merge_linear_layers, save_lowrank, swap_linear_layers
+from .distill import DistillConfig, Distiller, distill
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CloneLoss",
+    "DistillConfig",
+    "Distiller",
+    "KDLoss",
+    "LowRankConfig",
     "LowRankLinear",
+    "clone_loss",
+    "clone_loss_reference",
+    "clone_mse",
+    "distill",
+    "kd_loss",
+    "kd_loss_reference",
+    "load_lowrank",
+    "merge_linear_layers",
+    "save_lowrank",
+    "swap_linear_layers",
     "get_backend",
     "lowrank_linear",
     "lowrank_linear_reference",

@@ -58,6 +58,9 @@ class LowRankLinear(nn.Module):
         self.U = nn.Parameter(torch.empty(in_features, rank, **kw))
         self.V = nn.Parameter(torch.empty(rank, out_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        # Which dense layer this stands for: "linear" (nn.Linear) or "conv1d" (GPT-2's Conv1D,
+        # weight stored (in, out)); merging back restores the same kind.
+        self.dense_kind = "linear"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,6 +111,21 @@ class LowRankLinear(nn.Module):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+    def to_dense(self) -> nn.Module:
+        """The dense layer of the kind this one replaced (``nn.Linear`` or GPT-2's ``Conv1D``)."""
+        if self.dense_kind == "linear":
+            return self.to_linear()
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.U.double() @ self.V.double())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+            else:
+                conv.bias.zero_()
+        return conv
 
     @property
     def num_dense_params(self) -> int:

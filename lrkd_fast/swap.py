@@ -1,0 +1,433 @@
+"""Swap the linear layers of an existing model for ``LowRankLinear``, merge them back, save/load.
+
+PEFT-style matching (``target_modules``, ``exclude_modules``, ``rank_pattern``) and a
+torchao-style verb: ``swap_linear_layers(model, LowRankConfig(...))`` works in place and returns a
+:class:`SwapReport`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .layers import LowRankLinear, check_rank, svd_factors
+
+__all__ = ["LowRankConfig", "SwapReport", "LayerReport", "swap_linear_layers", "merge_linear_layers",
+           "find_target_layers", "save_lowrank", "load_lowrank", "whitened_factors", "LAYOUT_FILE"]
+
+LAYOUT_FILE = "lowrank_layout.json"
+INITS = ("svd", "whitened", "random")
+
+
+@dataclass
+class LowRankConfig:
+    """How to swap.
+
+    rank: an int (the same rank for every layer; a rank above a layer's limit is an error), a float
+        in (0, 1], the fraction of each layer's dense parameters to keep
+        (rank = floor(keep * d_in * d_out / (d_in + d_out)), at least 1), or "full"
+        (min(d_in, d_out): an exact factorization, mostly for tests).
+    target_modules: "all-linear" (every nn.Linear / GPT-2 Conv1D except the output head), a list of
+        module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``), or a
+        regex string matched against the full module name.
+    exclude_modules: same forms (no "all-linear"); matched layers are left dense.
+    rank_pattern: ``{regex: rank}``; the first pattern matching the end of a name (PEFT's rule:
+        ``(.*\\.)?pattern$``) overrides ``rank`` for that layer (int or fraction, as ``rank``).
+    init: "svd" (truncated SVD), "whitened" (activation-aware: needs ``calibration`` data passed
+        to ``swap_linear_layers``) or "random".
+    damping: for "whitened", added to the diagonal of each input covariance as a fraction of its
+        mean diagonal, so rank-deficient inputs (padding, dead features) stay positive definite.
+    """
+
+    rank: Union[int, float, str] = 0.5
+    target_modules: Union[str, list] = "all-linear"
+    exclude_modules: Optional[Union[str, list]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    init: str = "svd"
+    damping: float = 1e-2
+
+    def __post_init__(self):
+        _check_rank_spec("rank", self.rank)
+        for k, v in self.rank_pattern.items():
+            _check_rank_spec(f"rank_pattern[{k!r}]", v)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not (isinstance(self.target_modules, str) or _is_str_list(self.target_modules)):
+            raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of names, "
+                            f"got {self.target_modules!r}")
+        if self.exclude_modules is not None and not (isinstance(self.exclude_modules, str)
+                                                     or _is_str_list(self.exclude_modules)):
+            raise TypeError(f"exclude_modules must be a regex string or a list of names, got {self.exclude_modules!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+
+
+def _is_str_list(x) -> bool:
+    return isinstance(x, (list, tuple, set)) and all(isinstance(s, str) for s in x)
+
+
+def _check_rank_spec(name, v):
+    if v == "full":
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be an int rank or a float fraction in (0, 1], got {v!r}")
+    if isinstance(v, float) and not 0.0 < v <= 1.0:
+        raise ValueError(f"{name} as a fraction of parameters must be in (0, 1], got {v}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+def rank_for_fraction(keep: float, d_in: int, d_out: int) -> int:
+    """Largest rank whose factors hold at most ``keep`` of the dense layer's parameters (>= 1)."""
+    return max(1, min(min(d_in, d_out), math.floor(keep * d_in * d_out / (d_in + d_out))))
+
+
+# ------------------------------------------------------------------------------------ matching
+
+def _is_dense(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor], str]:
+    """(weight as (d_out, d_in), bias, kind)."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias, "linear"
+    return module.weight.t(), module.bias, "conv1d"
+
+
+def _matches(name: str, spec) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _output_head_names(model: nn.Module) -> set:
+    heads = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        heads |= {n for n, m in model.named_modules() if m is head}
+    return heads
+
+
+def find_target_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
+    """Names -> dense layers that ``config`` selects, in module order."""
+    heads = _output_head_names(model)
+    dense = {n: m for n, m in model.named_modules() if _is_dense(m)}
+    if config.target_modules == "all-linear":
+        chosen = {n: m for n, m in dense.items() if n not in heads}
+    else:
+        chosen = {n: m for n, m in dense.items() if _matches(n, config.target_modules)}
+        if not isinstance(config.target_modules, str):
+            # a listed name that matches no module at all is almost always a typo: say so
+            all_names = [n for n, _ in model.named_modules()]
+            unknown = [s for s in config.target_modules
+                       if not any(n == s or n.endswith("." + s) for n in all_names)]
+            if unknown:
+                raise ValueError(f"target_modules {unknown} match no module of {type(model).__name__}; "
+                                 f"dense layers look like: {list(dense)[:6]}")
+    if config.exclude_modules:
+        chosen = {n: m for n, m in chosen.items() if not _matches(n, config.exclude_modules)}
+    if not chosen:
+        raise ValueError(f"no nn.Linear or Conv1D layer of {type(model).__name__} matches "
+                         f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}); "
+                         f"dense layers: {list(dense)[:8]}")
+    return chosen
+
+
+def _rank_for(name: str, d_in: int, d_out: int, config: LowRankConfig) -> int:
+    spec = config.rank
+    for pat, v in config.rank_pattern.items():
+        if re.fullmatch(rf"(.*\.)?{pat}", name):
+            spec = v
+            break
+    if spec == "full":
+        return min(d_in, d_out)
+    if isinstance(spec, float):
+        return rank_for_fraction(spec, d_in, d_out)
+    try:
+        return check_rank(spec, d_in, d_out)
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r} ({d_out}x{d_in}): {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ report
+
+@dataclass
+class LayerReport:
+    name: str
+    d_in: int
+    d_out: int
+    rank: int
+    params_before: int
+    params_after: int
+    rel_error: float  # ||W - U V||_F / ||W||_F of the weight (not the outputs)
+
+
+@dataclass
+class SwapReport:
+    layers: list[LayerReport]
+    init: str
+
+    @property
+    def params_before(self) -> int:
+        return sum(l.params_before for l in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(l.params_after for l in self.layers)
+
+    def to_table(self) -> str:
+        head = ["layer", "shape (out x in)", "rank", "params before", "params after", "rel. error"]
+        body = [[l.name, f"{l.d_out} x {l.d_in}", str(l.rank), f"{l.params_before:,}", f"{l.params_after:,}",
+                 f"{l.rel_error:.3f}"] for l in self.layers]
+        body.append(["total", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
+                     f"kept {self.params_after / max(1, self.params_before):.1%}"])
+        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+
+# ------------------------------------------------------------------------------------ init
+
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware factors of a (d_out, d_in) weight for inputs with second moment ``gram``.
+
+    Minimizes E||x W^T - x U V||^2 over rank-``rank`` U V: with ``gram + damping*mean(diag) I =
+    L L^T`` (Cholesky), take the rank-r SVD of ``W L = A S B^T``; then ``U = L^{-T} B_r S_r^{1/2}``,
+    ``V = S_r^{1/2} A_r^T``. Computed in float64.
+    """
+    w = weight.detach().to(torch.float64)
+    g = gram.to(device=w.device, dtype=torch.float64)
+    d = g.shape[0]
+    eps = damping * g.diagonal().mean().clamp_min(1e-12)
+    L = torch.linalg.cholesky(g + eps * torch.eye(d, dtype=g.dtype, device=g.device))
+    A, S, Bh = torch.linalg.svd(w @ L, full_matrices=False)
+    root = S[:rank].sqrt()
+    U = torch.linalg.solve_triangular(L.t(), Bh[:rank].t(), upper=True) * root
+    V = root[:, None] * A[:, :rank].t()
+    return U, V
+
+
+@torch.no_grad()
+def collect_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
+                        forward=None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``batches`` and return, per layer name, the mean of x^T x over its inputs
+    (float64, d_in x d_in). Only these statistics are held, never the activations.
+
+    ``batches`` yields dicts of model keyword arguments (or tensors of input ids); ``forward`` can
+    override how a batch is fed (``forward(model, batch)``). Rows where an ``attention_mask`` in the
+    batch is 0 (padding) are left out.
+    """
+    from tqdm.auto import tqdm
+
+    grams = {n: None for n in layers}
+    counts = {n: 0 for n in layers}
+    state = {"mask": None}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach()
+            x2 = x.reshape(-1, x.shape[-1])
+            mask = state["mask"]
+            if mask is not None and mask.numel() == x2.shape[0]:
+                x2 = x2[mask.reshape(-1).bool()]
+            x2 = x2.to(torch.float64)
+            g = x2.t() @ x2
+            grams[name] = g if grams[name] is None else grams[name] + g
+            counts[name] += x2.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        batches = list(batches) if not hasattr(batches, "__len__") else batches
+        if len(batches) == 0:
+            raise ValueError("calibration data is empty: whitened init needs at least one batch")
+        for batch in tqdm(batches, desc="calibrating", disable=not progress):
+            if forward is not None:
+                forward(model, batch)
+                continue
+            if isinstance(batch, torch.Tensor):
+                batch = {"input_ids": batch}
+            state["mask"] = batch.get("attention_mask")
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        raise ValueError(f"calibration data never reached layers {missing[:5]} (no unmasked inputs)")
+    return {n: grams[n] / counts[n] for n in layers}
+
+
+# ------------------------------------------------------------------------------------ swap / merge
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None, calibration=None,
+                       forward=None, progress: bool = True) -> SwapReport:
+    """Replace the selected dense layers of ``model`` by ``LowRankLinear`` in place.
+
+    calibration: batches for ``init="whitened"`` (see :func:`collect_input_grams`).
+    Returns a :class:`SwapReport` (print it for a per-layer table).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = config or LowRankConfig()
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(f"config must be a LowRankConfig, got {type(config).__name__}")
+    layers = find_target_layers(model, config)
+    ranks = {}
+    for name, m in layers.items():
+        w, _, _ = _dense_weight(m)
+        ranks[name] = _rank_for(name, w.shape[1], w.shape[0], config)
+    grams = None
+    if config.init == "whitened":
+        if calibration is None:
+            raise ValueError("init='whitened' needs calibration batches: swap_linear_layers(model, config, "
+                             "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...])")
+        grams = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
+    reports = []
+    for name, m in layers.items():
+        w, b, kind = _dense_weight(m)
+        d_out, d_in = w.shape
+        r = ranks[name]
+        new = LowRankLinear(d_in, d_out, r, bias=b is not None, dtype=w.dtype, device=w.device)
+        new.dense_kind = kind
+        with torch.no_grad():
+            if config.init != "random":
+                U, V = svd_factors(w, r) if config.init == "svd" else whitened_factors(w, grams[name], r, config.damping)
+                new.U.copy_(U)
+                new.V.copy_(V)
+            if b is not None:
+                new.bias.copy_(b)
+            w64 = w.detach().double()
+            err = (torch.linalg.matrix_norm(w64 - (new.U.double() @ new.V.double()).t())
+                   / torch.linalg.matrix_norm(w64).clamp_min(1e-30)).item()
+        new.train(m.training)
+        _set_module(model, name, new)
+        reports.append(LayerReport(name, d_in, d_out, r, d_in * d_out, r * (d_in + d_out), err))
+    return SwapReport(reports, config.init)
+
+
+def merge_linear_layers(model: nn.Module) -> nn.Module:
+    """Replace every ``LowRankLinear`` in ``model`` by the dense layer it computes, in place.
+
+    The merged model is an ordinary model of its family and loads with ``AutoModel*.from_pretrained``.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no LowRankLinear layers to merge")
+    for n in names:
+        m = model.get_submodule(n)
+        dense = m.to_dense()
+        dense.train(m.training)
+        _set_module(model, n, dense)
+    return model
+
+
+# ------------------------------------------------------------------------------------ save / load
+
+def lowrank_layout(model: nn.Module) -> dict:
+    return {n: dict(in_features=m.in_features, out_features=m.out_features, rank=m.rank,
+                    bias=m.bias is not None, kind=m.dense_kind)
+            for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def save_lowrank(model: nn.Module, path: str, **save_kwargs) -> None:
+    """``model.save_pretrained(path)`` (safetensors) plus ``lowrank_layout.json`` describing the swap."""
+    layout = lowrank_layout(model)
+    if not layout:
+        raise ValueError("model has no LowRankLinear layers; use save_pretrained directly")
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_lowrank needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+    with open(os.path.join(path, LAYOUT_FILE), "w") as f:
+        json.dump({"format": 1, "layers": layout}, f, indent=1)
+
+
+def _read_state_dict(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for fn in files:
+        full = os.path.join(path, fn)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"{full} not found (expected a model saved by save_lowrank)")
+        state.update(load_file(full))
+    return state
+
+
+def load_lowrank(path: str, model_class=None, dtype: Optional[torch.dtype] = None, device=None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_lowrank`; its outputs match the saved model bit for bit.
+
+    model_class: a transformers model class (default: the first of ``config.architectures``, else
+    ``AutoModel``).
+    """
+    import transformers
+
+    layout_file = os.path.join(path, LAYOUT_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path {path!r} is not a directory")
+    if not os.path.exists(layout_file):
+        raise FileNotFoundError(f"{layout_file} not found: {path!r} was not saved with save_lowrank "
+                                "(a merged model loads with AutoModel*.from_pretrained)")
+    with open(layout_file) as f:
+        layout = json.load(f)["layers"]
+    config = transformers.AutoConfig.from_pretrained(path)
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
+    if hasattr(model_class, "from_config"):
+        model = model_class.from_config(config)
+    else:
+        model = model_class(config)
+    for name, spec in layout.items():
+        new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"])
+        new.dense_kind = spec["kind"]
+        _set_module(model, name, new)
+    state = _read_state_dict(path)
+    # assign=True keeps the saved tensors (and their dtypes) as they are: bit-exact reload
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if unexpected or missing:
+        raise ValueError(f"checkpoint at {path!r} does not match its layout: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    model.eval()
+    return model
