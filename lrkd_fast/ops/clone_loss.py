@@ -172,9 +172,10 @@ def _backward(ctx, d_loss, _d_terms, _d_grads, _d_proj_grads):
         # the gradients were formed for d_loss = 1; a 0-dim fp32 factor keeps their dtype
         return [g * d_loss if nd else None for g, nd in zip(gs, needs)]
 
-    # teachers (and every non-tensor argument) get no gradient
+    # teachers (and every non-tensor argument) get no gradient. An empty list argument is its own
+    # pytree node (a non-empty list of bools is a leaf), so it must be answered with an empty list.
     return (scaled(grads, ctx.need_grad), [None] * ctx.n_students, scaled(proj_grads, ctx.need_proj_grad),
-            None, None, None, None, None, None)
+            None, None, None, None, None, [] if not ctx.need_proj_grad else None)
 
 
 torch.library.register_autograd("lrkd_fast::clone_loss", _backward, setup_context=_setup_context)

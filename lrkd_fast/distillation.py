@@ -30,7 +30,7 @@ from torch import nn
 from .evaluate import mean_pool
 from .layers import LowRankLinear
 
-__all__ = ["DistillConfig", "Distiller", "distill", "find_blocks"]
+__all__ = ["DistillConfig", "Distiller", "TrainingLoop", "distill", "find_blocks"]
 
 OUTPUT_LOSSES = ("auto", "kd", "cosine", "mse", "none")
 
@@ -50,8 +50,10 @@ class DistillConfig:
     output_loss: str = "auto"  # "kd" for causal LMs, "cosine" otherwise
     output_weight: float = 1.0
     temperature: float = 1.0  # for output_loss="kd"
+    ce_weight: float = 0.0  # for output_loss="kd": next-token cross-entropy on the data besides the KL
     train_norms: bool = False
     train_bias: bool = False
+    dropout: bool = False  # keep the student's dropout on while training (off: it copies an eval-mode teacher)
     autocast: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "off"
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
@@ -132,7 +134,168 @@ def _is_causal_lm(model) -> bool:
     return callable(get) and get() is not None and ("CausalLM" in name or "LMHead" in name)
 
 
-class Distiller:
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _average_gradients(params) -> None:
+    """All-reduce (mean) the gradients when running under torch.distributed with several processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+class TrainingLoop:
+    """The optimizer loop shared by every distillation method.
+
+    Subclasses set ``self.cfg`` (a :class:`DistillConfig`), ``self.params`` (the trainable
+    parameters), ``self.model`` (the module that owns them, for checkpoints) and implement
+    ``compute_loss(batch) -> (loss, parts)``. Under ``torch.distributed`` (torchrun) gradients are
+    averaged across processes after each backward, each process should be given its own shard of the
+    data, and only rank 0 writes checkpoints.
+    """
+
+    cfg: DistillConfig
+    params: list
+    model: nn.Module
+    _elapsed = None
+
+    def compute_loss(self, batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def _lr_factor(self, step: int) -> float:
+        total, warm = self.cfg.steps, int(self.cfg.warmup * self.cfg.steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.cfg.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        if self.cfg.max_minutes is not None and self._elapsed is not None:
+            # with a time budget, decay by whichever runs out first: steps or minutes
+            frac = max(frac, self._elapsed() / (60.0 * self.cfg.max_minutes))
+        return max(0.0, 1 - frac) if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
+        """Train for ``config.steps`` steps (or until ``max_minutes``).
+
+        data: an object with ``batch(step) -> dict`` (e.g. :class:`lrkd_fast.data.TextBatches`), or a
+        non-empty list of batch dicts (cycled). Returns the history: per-step losses and timing.
+        """
+        from tqdm.auto import tqdm
+
+        get_batch = self._batch_getter(data)
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
+        history = {"step": [], "loss": [], "parts": [], "tokens": 0, "seconds": 0.0, "stopped_early": False}
+        start = 0
+        if resume_from:
+            start, history = self.load_checkpoint(resume_from, opt, sched)
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        self.model.train(cfg.dropout)
+        t0 = time.time() - history["seconds"]
+        self._elapsed = lambda: time.time() - t0
+        bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not cfg.progress, dynamic_ncols=True)
+        step = start
+        try:
+            for step in range(start, cfg.steps):
+                batch = get_batch(step)
+                loss, parts = self.compute_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_gradients(self.params)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                history["tokens"] += n_tok
+                history["step"].append(step)
+                history["loss"].append(parts["loss"])
+                history["parts"].append(parts)
+                history["seconds"] = time.time() - t0
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} |
+                                    {"tok/s": f"{history['tokens'] / max(history['seconds'], 1e-9):.0f}"})
+                if on_step is not None:
+                    on_step(step, parts)
+                done = step + 1
+                if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{done}.pt"), done, opt, sched, history)
+                if cfg.max_minutes is not None and history["seconds"] > 60 * cfg.max_minutes:
+                    history["stopped_early"] = done < cfg.steps
+                    break
+        finally:
+            bar.close()
+        if cfg.checkpoint_dir:
+            self.save_checkpoint(os.path.join(cfg.checkpoint_dir, "last.pt"), step + 1, opt, sched, history)
+        self.model.eval()
+        return history
+
+    @staticmethod
+    def _batch_getter(data):
+        if hasattr(data, "batch"):
+            if len(data) == 0:
+                raise ValueError("data is empty")
+            return data.batch
+        if isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError("data is empty: pass a non-empty list of batches")
+            return lambda step: data[step % len(data)]
+        raise TypeError("data must have a batch(step) method (TextBatches) or be a list of batch dicts")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict:
+        ids = {id(p) for p in self.params}
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if id(p) in ids}
+
+    def save_checkpoint(self, path: str, step: int, opt, sched, history: dict) -> None:
+        if _rank() != 0:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        state = {"step": step, "params": self._trainable_state(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "history": history, "config": asdict(self.cfg),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+    def load_checkpoint(self, path: str, opt, sched) -> tuple[int, dict]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        named = dict(self.model.named_parameters())
+        missing = [n for n in state["params"] if n not in named]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} does not fit this student (unknown parameters {missing[:3]})")
+        with torch.no_grad():
+            for n, v in state["params"].items():
+                named[n].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["history"]
+
+
+
+class Distiller(TrainingLoop):
     """Holds the frozen teacher, the student, hooks and loss settings; see module docs."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, config: Optional[DistillConfig] = None):
@@ -142,10 +305,12 @@ class Distiller:
             raise ValueError("student and teacher are the same object: distill a copy (copy.deepcopy(teacher))")
         self.cfg = config or DistillConfig()
         self.student, self.teacher = student, teacher
+        self.model = student
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.params = self._select_trainable()
+        self._elapsed = None
         names = self.cfg.clone_modules
         if names == "auto":
             names = find_blocks(student)
@@ -237,126 +402,12 @@ class Distiller:
             head_t = self.teacher.get_output_embeddings()
             return kd_loss(hs[:, :-1], head_s.weight, labels, teacher_hidden=ht[:, :-1].to(hs.dtype),
                            teacher_weight=head_t.weight.to(hs.dtype), student_bias=getattr(head_s, "bias", None),
-                           teacher_bias=getattr(head_t, "bias", None), temperature=self.cfg.temperature)
+                           teacher_bias=getattr(head_t, "bias", None), temperature=self.cfg.temperature,
+                           ce_weight=self.cfg.ce_weight)
         es, et = mean_pool(hs.float(), mask), mean_pool(ht.float(), mask)
         if self.output_loss == "cosine":
             return (1 - F.cosine_similarity(es, et, dim=-1)).mean()
         return F.mse_loss(es, et)
-
-    # ------------------------------------------------------------------ training
-    def _lr_factor(self, step: int) -> float:
-        total, warm = self.cfg.steps, int(self.cfg.warmup * self.cfg.steps)
-        if step < warm:
-            return (step + 1) / warm
-        if self.cfg.schedule == "constant":
-            return 1.0
-        frac = (step - warm) / max(1, total - warm)
-        return max(0.0, 1 - frac) if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
-        """Train for ``config.steps`` steps (or until ``max_minutes``).
-
-        data: an object with ``batch(step) -> dict`` (e.g. :class:`lrkd_fast.data.TextBatches`), or a
-        non-empty list of batch dicts (cycled). Returns the history: per-step losses and timing.
-        """
-        from tqdm.auto import tqdm
-
-        get_batch = self._batch_getter(data)
-        cfg = self.cfg
-        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
-        history = {"step": [], "loss": [], "parts": [], "tokens": 0, "seconds": 0.0, "stopped_early": False}
-        start = 0
-        if resume_from:
-            start, history = self.load_checkpoint(resume_from, opt, sched)
-        else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-        self.student.train()
-        t0 = time.time() - history["seconds"]
-        bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not cfg.progress, dynamic_ncols=True)
-        step = start
-        try:
-            for step in range(start, cfg.steps):
-                batch = get_batch(step)
-                loss, parts = self.compute_loss(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                history["tokens"] += n_tok
-                history["step"].append(step)
-                history["loss"].append(parts["loss"])
-                history["parts"].append(parts)
-                history["seconds"] = time.time() - t0
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} |
-                                    {"tok/s": f"{history['tokens'] / max(history['seconds'], 1e-9):.0f}"})
-                if on_step is not None:
-                    on_step(step, parts)
-                done = step + 1
-                if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{done}.pt"), done, opt, sched, history)
-                if cfg.max_minutes is not None and history["seconds"] > 60 * cfg.max_minutes:
-                    history["stopped_early"] = done < cfg.steps
-                    break
-        finally:
-            bar.close()
-        if cfg.checkpoint_dir:
-            self.save_checkpoint(os.path.join(cfg.checkpoint_dir, "last.pt"), step + 1, opt, sched, history)
-        self.student.eval()
-        return history
-
-    @staticmethod
-    def _batch_getter(data):
-        if hasattr(data, "batch"):
-            if len(data) == 0:
-                raise ValueError("data is empty")
-            return data.batch
-        if isinstance(data, (list, tuple)):
-            if not data:
-                raise ValueError("data is empty: pass a non-empty list of batches")
-            return lambda step: data[step % len(data)]
-        raise TypeError("data must have a batch(step) method (TextBatches) or be a list of batch dicts")
-
-    # ------------------------------------------------------------------ checkpoints
-    def _trainable_state(self) -> dict:
-        ids = {id(p) for p in self.params}
-        return {n: p.detach().clone() for n, p in self.student.named_parameters() if id(p) in ids}
-
-    def save_checkpoint(self, path: str, step: int, opt, sched, history: dict) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        state = {"step": step, "params": self._trainable_state(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "history": history, "config": asdict(self.cfg),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # never leave a half-written checkpoint behind
-
-    def load_checkpoint(self, path: str, opt, sched) -> tuple[int, dict]:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        named = dict(self.student.named_parameters())
-        missing = [n for n in state["params"] if n not in named]
-        if missing:
-            raise ValueError(f"checkpoint {path!r} does not fit this student (unknown parameters {missing[:3]})")
-        with torch.no_grad():
-            for n, v in state["params"].items():
-                named[n].copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], state["history"]
-
 
 def distill(student: nn.Module, teacher: nn.Module, data, config: Optional[DistillConfig] = None,
             resume_from: Optional[str] = None, **overrides) -> dict:

@@ -1,0 +1,137 @@
+"""End-to-end recipes behind ``lrkd-fast distill``: load, swap, distill, evaluate, save.
+
+Kept apart from the CLI so the same run can be driven from Python::
+
+    from lrkd_fast.recipes import SwapRecipe, run_swap_recipe
+    result = run_swap_recipe(SwapRecipe(minutes=2))
+    print(result.table())
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from .data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
+from .distillation import DistillConfig, Distiller
+from .evaluate import EmbeddingFidelity, embedding_fidelity, sentence_embeddings
+from .swap import LowRankConfig, save_lowrank, swap_linear_layers
+
+__all__ = ["SwapRecipe", "RecipeResult", "run_swap_recipe", "load_teacher"]
+
+
+@dataclass
+class SwapRecipe:
+    teacher: Optional[str] = None  # path or hub name available offline; None = packaged all-MiniLM-L6-v2
+    data: Optional[str] = None  # text or jsonl file; None = CPython's pydoc topics
+    keep: Optional[float] = 0.5  # fraction of each swapped layer's parameters (ignored when rank is set)
+    rank: Optional[int] = None
+    target_modules: Union[str, list, None] = None  # None: the encoder/decoder blocks' linears
+    init: str = "whitened"
+    calib_texts: int = 256
+    heldout: int = 512
+    steps: int = 400
+    minutes: Optional[float] = 3.5
+    lr: float = 1e-3
+    batch_size: int = 32
+    seq_len: int = 128
+    output: str = "runs/lowrank-student"
+    device: Optional[str] = None
+    seed: int = 0
+    resume: Optional[str] = None
+    checkpoint_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class RecipeResult:
+    rows: list = field(default_factory=list)  # (label, EmbeddingFidelity, params, seconds)
+    output: str = ""
+    history: dict = field(default_factory=dict)
+    swap_report: object = None
+
+    def table(self) -> str:
+        head = ["model", "mean cos", "min cos", "NN agree", "params", "time s"]
+        body = [[lab, f"{f.mean_cosine:.4f}", f"{f.min_cosine:.4f}", f"{f.nn_agreement:.3f}", f"{p:,}", f"{s:.1f}"]
+                for lab, f, p, s in self.rows]
+        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
+def load_teacher(name_or_path: Optional[str], device: str):
+    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default."""
+    import transformers
+
+    path = name_or_path or packaged_minilm_path()
+    if name_or_path and not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") != "0":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast with a clear message
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot load teacher {path!r}: {exc}") from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = transformers.AutoModelForCausalLM if ("CausalLM" in arch or "LMHead" in arch) else transformers.AutoModel
+    model = cls.from_pretrained(path).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _default_targets(model) -> str:
+    from .distillation import find_blocks
+
+    blocks = find_blocks(model)
+    if not blocks:
+        return "all-linear"
+    prefix = blocks[0].rsplit(".", 1)[0]
+    return rf"{prefix.replace('.', chr(92) + '.')}\..*"
+
+
+def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
+    t_start = time.time()
+    device = r.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(r.seed)
+    teacher, tok = load_teacher(r.teacher, device)
+    texts = read_texts(r.data) if r.data else pydoc_sentences()
+    if len(texts) < r.heldout + max(r.batch_size, 2):
+        raise ValueError(f"data has {len(texts)} texts: too few for {r.heldout} held-out texts plus training "
+                         f"(lower --heldout or give more data)")
+    train, held = split_texts(texts, r.heldout, seed=r.seed)
+    held_batches = list(TextBatches(held, tok, 64, r.seq_len, shuffle=False, device=device))
+    t_emb = sentence_embeddings(teacher, held_batches)
+    result = RecipeResult(output=r.output)
+    n_params = sum(p.numel() for p in teacher.parameters())
+    result.rows.append(("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)), n_params, 0.0))
+
+    student = copy.deepcopy(teacher)
+    cfg = LowRankConfig(rank=r.rank if r.rank is not None else float(r.keep),
+                        target_modules=r.target_modules or _default_targets(teacher), init=r.init)
+    t0 = time.time()
+    calib = list(TextBatches(train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=device))
+    report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress)
+    result.swap_report = report
+    s_params = sum(p.numel() for p in student.parameters())
+    fid0 = embedding_fidelity(sentence_embeddings(student, held_batches), t_emb)
+    result.rows.append((f"low-rank start ({r.init})", fid0, s_params, time.time() - t0))
+
+    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, progress=r.progress,
+                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
+    data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device)
+    t1 = time.time()
+    d = Distiller(student, teacher, dcfg)
+    try:
+        result.history = d.train(data, resume_from=r.resume)
+    finally:
+        d.close()
+    fid1 = embedding_fidelity(sentence_embeddings(student, held_batches), t_emb)
+    result.rows.append((f"distilled ({len(result.history['step'])} steps)", fid1, s_params, time.time() - t1))
+    save_lowrank(student, r.output)
+    tok.save_pretrained(r.output)
+    result.rows.append(("total wall time", fid1, s_params, time.time() - t_start))
+    return result

@@ -1,0 +1,192 @@
+"""Distilling swapped models: tiny models from configs, and the real all-MiniLM-L6-v2 on real text."""
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+import lrkd_fast
+from lrkd_fast import DistillConfig, Distiller, LowRankConfig, distill, swap_linear_layers
+from lrkd_fast.data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
+from lrkd_fast.distillation import find_blocks
+from lrkd_fast.evaluate import embedding_fidelity, sentence_embeddings
+from tests.test_swap import VOCAB, tiny
+
+
+def _batches(n=4, b=3, L=10, pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (b, L), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, L // 2:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_distill_lowers_loss_and_trains_only_factors(family):
+    teacher = tiny(family).eval()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith((".U", ".V"))}
+    t_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    data = _batches()
+    with lrkd_fast.set_backend("eager"):  # CPU speed; the fused path is compared below
+        hist = distill(student, teacher, data, steps=24, lr=3e-3, progress=False, warmup=0.0)
+    first, last = sum(hist["loss"][:4]) / 4, sum(hist["loss"][-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    expected_out = "kd" if family != "bert" else "cosine"
+    assert expected_out in hist["parts"][0] and "clone" in hist["parts"][0]
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} changed but only U, V train"
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, t_before[n]) and not p.requires_grad
+
+
+def test_fused_and_eager_losses_agree():
+    teacher = tiny("llama").eval()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    batch = _batches(1)[0]
+    results = {}
+    for backend in ("eager", "triton"):
+        d = Distiller(student, teacher, DistillConfig(progress=False))
+        with lrkd_fast.set_backend(backend):
+            loss, parts = d.compute_loss(batch)
+            loss.backward()
+        results[backend] = (parts, [p.grad.clone() for p in d.params])
+        for p in d.params:
+            p.grad = None
+        d.close()
+    pe, ge = results["eager"]
+    pt, gt = results["triton"]
+    for k in pe:
+        assert pt[k] == pytest.approx(pe[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(ge, gt):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+
+
+def test_resume_continues_identically(tmp_path):
+    teacher = tiny("bert").eval()
+    base = copy.deepcopy(teacher)
+    swap_linear_layers(base, LowRankConfig(rank=4))
+    data = _batches(3)
+    cfg = dict(steps=8, lr=2e-3, progress=False, seed=3)
+    with lrkd_fast.set_backend("eager"):
+        full = distill(copy.deepcopy(base), teacher, data, **cfg)
+        s2 = copy.deepcopy(base)
+        part = distill(s2, teacher, data, checkpoint_dir=str(tmp_path), checkpoint_every=4, **cfg)
+        assert (tmp_path / "step-4.pt").exists() and (tmp_path / "last.pt").exists()
+        s3 = copy.deepcopy(base)
+        resumed = distill(s3, teacher, data, resume_from=str(tmp_path / "step-4.pt"), **cfg)
+    assert part["loss"] == full["loss"]
+    assert resumed["loss"] == full["loss"]  # history restored, steps 4..7 recomputed identically
+    for (n, a), (_, b) in zip(s2.named_parameters(), s3.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_padding_rows_do_not_change_the_loss():
+    teacher = tiny("bert").eval()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    short = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded_ids = torch.cat([ids, torch.randint(0, VOCAB, (1, 5))], 1)
+    padded = {"input_ids": padded_ids, "attention_mask": torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], 1).long()}
+    d = Distiller(student, teacher, DistillConfig(progress=False))
+    with lrkd_fast.set_backend("eager"):
+        l1, _ = d.compute_loss(short)
+        l2, _ = d.compute_loss(padded)
+    d.close()
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs(tmp_path):
+    teacher = tiny("bert")
+    with pytest.raises(ValueError, match="no LowRankLinear"):
+        Distiller(copy.deepcopy(teacher), teacher)
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    with pytest.raises(ValueError, match="same object"):
+        Distiller(student, student)
+    with pytest.raises(ValueError, match="data is empty"):
+        distill(student, teacher, [], steps=2, progress=False)
+    with pytest.raises(ValueError, match="steps must be"):
+        DistillConfig(steps=0)
+    with pytest.raises(ValueError, match="output_loss"):
+        DistillConfig(output_loss="kl")
+    with pytest.raises(ValueError, match="clone module 'nope'"):
+        Distiller(student, teacher, DistillConfig(clone_modules=["nope"]))
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        distill(student, teacher, _batches(1), steps=2, progress=False, resume_from=str(tmp_path / "x.pt"))
+    with pytest.raises(FileNotFoundError):
+        read_texts(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_texts(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ValueError, match="'text'"):
+        read_texts(str(tmp_path / "bad.jsonl"))
+    assert find_blocks(teacher) == ["encoder.layer.0", "encoder.layer.1"]
+
+
+def test_text_batches_are_reproducible_and_bucketed():
+    tok = T.AutoTokenizer.from_pretrained(packaged_minilm_path())
+    texts = pydoc_sentences()[:200]
+    a = TextBatches(texts, tok, 16, 64, seed=1)
+    b = TextBatches(texts, tok, 16, 64, seed=1)
+    for step in (0, 5, 13, 27):
+        assert torch.equal(a.batch(step)["input_ids"], b.batch(step)["input_ids"])
+    order = a.epoch_order(0)
+    assert sorted(order) == list(range(200))  # every text once per epoch
+    assert a.epoch_order(1) != order
+    # bucketing: far less padding than a plain shuffle
+    plain = TextBatches(texts, tok, 16, 64, seed=1, bucket=False)
+    pad = lambda tb: sum(int((tb.batch(s)["attention_mask"] == 0).sum()) for s in range(len(tb)))
+    assert pad(a) < 0.6 * pad(plain)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = packaged_minilm_path()
+    tok = T.AutoTokenizer.from_pretrained(path)
+    teacher = T.AutoModel.from_pretrained(path).eval()
+    train, held = split_texts(pydoc_sentences(), 128, seed=0)
+    return tok, teacher, train, held
+
+
+def _output_error(model, teacher, batches):
+    with torch.no_grad():
+        num = den = 0.0
+        for b in batches:
+            t = teacher(**b).last_hidden_state
+            s = model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1)
+            num += ((s - t) ** 2 * m).sum().item()
+            den += (t ** 2 * m).sum().item()
+    return num / den
+
+
+def test_minilm_whitened_beats_svd_and_distillation_improves(minilm):
+    tok, teacher, train, held = minilm
+    held_b = list(TextBatches(held, tok, 64, 64, shuffle=False))
+    calib = list(TextBatches(train[:64], tok, 32, 64, shuffle=False))
+    cfg = dict(rank=0.5, target_modules=r"encoder\..*")
+    svd = copy.deepcopy(teacher)
+    swap_linear_layers(svd, LowRankConfig(init="svd", **cfg))
+    white = copy.deepcopy(teacher)
+    swap_linear_layers(white, LowRankConfig(init="whitened", **cfg), calibration=calib, progress=False)
+    e_svd, e_white = _output_error(svd, teacher, held_b), _output_error(white, teacher, held_b)
+    assert e_white < 0.5 * e_svd, (e_white, e_svd)
+
+    t_emb = sentence_embeddings(teacher, held_b)
+    start = embedding_fidelity(sentence_embeddings(white, held_b), t_emb)
+    data = TextBatches(train, tok, 16, 64, seed=0)
+    hist = distill(white, teacher, data, steps=30, lr=1e-3, progress=False, warmup=0.1)
+    end = embedding_fidelity(sentence_embeddings(white, held_b), t_emb)
+    clone = [p["clone"] for p in hist["parts"]]
+    assert sum(clone[-5:]) / 5 < 0.85 * sum(clone[:5]) / 5
+    assert end.mean_cosine > start.mean_cosine + 0.01, (start, end)

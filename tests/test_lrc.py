@@ -1,0 +1,276 @@
+"""Low-Rank Clone: families, identity, weight formulas, fused vs eager, padding, export, DDP, MiniLM."""
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import transformers as tf
+
+from lrkd_fast import set_backend
+from lrkd_fast.clone import LowRankClone, family_for
+from lrkd_fast.clone.model import lrc_bert_class
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "bert"]
+V = 97
+
+
+def tiny(kind, hidden=32, layers=2):
+    common = dict(vocab_size=V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4)
+    if kind == "bert":
+        return tf.BertModel(tf.BertConfig(**common, max_position_embeddings=64)).eval()
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+           "mistral": tf.MistralConfig}[kind]
+    extra = {"head_dim": 8} if kind == "qwen3" else {}
+    model = tf.AutoModelForCausalLM.from_config(cls(**common, num_key_value_heads=2, **extra))
+    with torch.no_grad():  # non-trivial norms and biases so that the formulas are really exercised
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def batch(B=2, L=7, pad=True):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    am = torch.ones_like(ids)
+    if pad:
+        am[1, L - 2:] = 0
+    return ids, am
+
+
+@pytest.fixture(autouse=True)
+def _eager():
+    with set_backend("eager"):
+        yield
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_identity_clone_reproduces_teacher(kind):
+    t = tiny(kind)
+    c = LowRankClone.from_teacher(t, 32, init="identity")
+    ids, am = batch()
+    out = c(ids, attention_mask=am)
+    assert out.parts["clone"] == 0.0
+    assert all(v == 0.0 for k, v in out.parts.items() if k.startswith("clone_"))
+    with torch.no_grad():
+        s = c.student_forward(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        r = t(input_ids=ids, attention_mask=am, output_hidden_states=True)
+    for hs, ht in zip(s.hidden_states, r.hidden_states):
+        torch.testing.assert_close(hs, ht, rtol=1e-5, atol=1e-5)
+    if kind != "bert":
+        torch.testing.assert_close(s.logits, r.logits, rtol=1e-5, atol=1e-5)
+        assert abs(out.parts["kd"]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_student_weights_follow_lrc_formulas(kind):
+    t = tiny(kind)
+    fam = family_for(t)
+    c = LowRankClone.from_teacher(t, 16)
+    sd = c.export_student().state_dict()
+    T = dict(t.named_parameters())
+    pre = c.base_prefix + fam.layers
+    P = c.proj
+    for i in range(2):
+        for site, mod in fam.in_sites.items():
+            n = f"{pre}.{i}.{mod}.weight"
+            torch.testing.assert_close(sd[n], T[n] @ P[f"layer{i}_{site}"])
+            assert sd[n].shape == (T[n].shape[0], 16)
+            if f"{pre}.{i}.{mod}.bias" in T:  # input-side biases (width d_m) unchanged
+                torch.testing.assert_close(sd[f"{pre}.{i}.{mod}.bias"], T[f"{pre}.{i}.{mod}.bias"])
+        for site, mod in fam.out_sites.items():
+            n = f"{pre}.{i}.{mod}.weight"
+            torch.testing.assert_close(sd[n], P[f"layer{i}_{site}"].t() @ T[n])
+            if f"{pre}.{i}.{mod}.bias" in T:  # output-side biases projected
+                torch.testing.assert_close(sd[f"{pre}.{i}.{mod}.bias"], T[f"{pre}.{i}.{mod}.bias"] @ P[f"layer{i}_{site}"])
+        for mod in fam.layer_norms:
+            torch.testing.assert_close(sd[f"{pre}.{i}.{mod}.weight"], torch.ones(16))
+            if fam.norm_type == "layernorm":
+                torch.testing.assert_close(sd[f"{pre}.{i}.{mod}.bias"], torch.zeros(16))
+        for mod in fam.passthrough:
+            torch.testing.assert_close(sd[f"{pre}.{i}.{mod}.weight"], T[f"{pre}.{i}.{mod}.weight"])
+    for mod in fam.embeddings:
+        n = f"{c.base_prefix}{mod}.weight"
+        torch.testing.assert_close(sd[n], T[n] @ P["emb"])
+    if fam.head:
+        torch.testing.assert_close(sd[f"{fam.head}.weight"], T[f"{fam.head}.weight"] @ P["emb"])
+    # nothing but projections and norms trains; the teacher stays frozen
+    assert all(not p.requires_grad for p in t.parameters())
+    n_norm = sum(1 for r in c.plan.values() if r[0] == "norm")
+    assert len(list(c.parameters())) == len(c.proj) + n_norm
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "bert"])
+def test_shared_projections(kind):
+    c = LowRankClone.from_teacher(tiny(kind), 16, share_qkv=True, share_gate_up=True)
+    keys = set(c.proj.keys())
+    assert "layer0_qkv" in keys and "layer0_q" not in keys
+    assert ("layer0_gateup" in keys) == (kind != "bert")
+    ids, am = batch()
+    c(ids, attention_mask=am).loss.backward()
+    assert c.proj["layer0_qkv"].grad.abs().sum() > 0
+
+
+def _step(c, ids, am):
+    for p in c.parameters():
+        p.grad = None
+    out = c(ids, attention_mask=am)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in c.named_parameters()}
+
+
+def _assert_same_step(a, b, rtol=1e-4, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    for n in a[1]:
+        torch.testing.assert_close(a[1][n], b[1][n], rtol=rtol, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "bert"])
+def test_fused_and_eager_steps_agree(kind):
+    c = LowRankClone.from_teacher(tiny(kind), 16)
+    ids, am = batch()
+    eager = _step(c, ids, am)
+    with set_backend("triton"):
+        fused = _step(c, ids, am)
+    _assert_same_step(eager, fused, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_padding_does_not_change_loss(kind):
+    c = LowRankClone.from_teacher(tiny(kind), 16)
+    ids, am = batch(pad=False)
+    base = _step(c, ids, am)
+    ids_p = torch.cat([ids, torch.randint(0, V, (2, 3))], 1)
+    am_p = torch.cat([am, torch.zeros(2, 3, dtype=am.dtype)], 1)
+    padded = _step(c, ids_p, am_p)
+    _assert_same_step(base, padded, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_checkpointing_and_association_do_not_change_the_step(kind):
+    t = tiny(kind)
+    ids, am = batch()
+    torch.manual_seed(0)
+    ref = _step(LowRankClone.from_teacher(t, 16), ids, am)
+    for kw in (dict(gradient_checkpointing=True), dict(association="factorized")):
+        torch.manual_seed(0)
+        got = _step(LowRankClone.from_teacher(t, 16, **kw), ids, am)
+        _assert_same_step(ref, got)
+
+
+def test_auto_association_picks_the_cheaper_order():
+    c = LowRankClone.from_teacher(tiny("llama"), 16)
+    # d_T 32, d_S 16, d_m 32: factorized only pays off for very few tokens
+    assert c._use_factorized(32, tokens=1)
+    assert not c._use_factorized(32, tokens=4096)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_export_round_trip(kind):
+    t = tiny(kind)
+    c = LowRankClone.from_teacher(t, 16)
+    ids, am = batch()
+    with tempfile.TemporaryDirectory() as d:
+        c.save_student(d)
+        if kind == "bert":
+            m = tf.AutoModel.from_pretrained(d, trust_remote_code=True).eval()
+        else:
+            m = tf.AutoModelForCausalLM.from_pretrained(d).eval()
+        assert m.config.hidden_size == 16
+        with torch.no_grad():
+            got = m(input_ids=ids, attention_mask=am, output_hidden_states=True)
+            ref = c.student_forward(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        torch.testing.assert_close(got.hidden_states[-1], ref.hidden_states[-1], rtol=1e-5, atol=1e-5)
+        if kind != "bert":
+            torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+            assert m.config.head_dim == t.config.head_dim if getattr(t.config, "head_dim", None) else 8
+            gen = m.generate(ids[:1], attention_mask=am[:1], max_new_tokens=3, do_sample=False)
+            assert gen.shape == (1, ids.shape[1] + 3)
+
+
+def test_bad_inputs():
+    t = tiny("llama")
+    with pytest.raises(ValueError, match="student_hidden_size"):
+        LowRankClone.from_teacher(t, 32)
+    with pytest.raises(ValueError, match="student_hidden_size"):
+        LowRankClone.from_teacher(t, 48)
+    with pytest.raises(ValueError, match="init"):
+        LowRankClone.from_teacher(t, 16, init="svd")
+    with pytest.raises(ValueError, match="calibration"):
+        LowRankClone.from_teacher(t, 16, init="pca")
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="supported: bert, llama, mistral, qwen2, qwen3"):
+        LowRankClone.from_teacher(gpt2, 16)
+    bad = tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=30, num_attention_heads=4, embedding_size=30,
+                                     intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="divisible"):
+        LowRankClone.from_teacher(bad, 16)
+    from lrkd_fast.clone.recipe import LRCTrainer
+    with pytest.raises(ValueError, match="empty"):
+        LRCTrainer(LowRankClone.from_teacher(t, 16)).train([])
+
+
+def test_pca_init_uses_principal_directions():
+    t = tiny("llama")
+    ids, am = batch()
+    c = LowRankClone.from_teacher(t, 16, init="pca", calibration=[{"input_ids": ids, "attention_mask": am}])
+    U = c.proj["emb"]
+    torch.testing.assert_close(U.t() @ U, torch.eye(16), atol=1e-4, rtol=0)
+    assert torch.isfinite(c(ids, attention_mask=am).loss)
+
+
+def test_ddp_matches_single_process():
+    from lrkd_fast.clone.recipe import LRCTrainer  # noqa: F401  (import check)
+    worker = os.path.join(os.path.dirname(__file__), "lrc_ddp_worker.py")
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with socket.socket() as sock:  # a free port (torchrun's --master_port 0 does not work with gloo here)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_addr", "127.0.0.1", "--master_port", str(port), worker, d], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        single = torch.load(os.path.join(d, "single.pt"))
+        multi = torch.load(os.path.join(d, "rank0.pt"))
+    torch.testing.assert_close(multi["loss"], single["loss"], rtol=1e-5, atol=1e-7)
+    for n in single["grads"]:
+        torch.testing.assert_close(multi["grads"][n], single["grads"][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_minilm_short_run_improves():
+    from lrkd_fast.clone import LRCRecipe, run_lrc_recipe
+    from lrkd_fast.data import packaged_minilm_path
+
+    try:
+        packaged_minilm_path()
+    except FileNotFoundError:
+        pytest.skip("packaged MiniLM not installed")
+    with tempfile.TemporaryDirectory() as d:
+        r = run_lrc_recipe(LRCRecipe(steps=20, minutes=None, lr=1e-3, batch_size=8, seq_len=32, heldout=64,
+                                     fit_texts=128, output=d, progress=False))
+        assert os.path.exists(os.path.join(d, "config.json"))
+    losses = r.history["loss"]
+    start, trained = r.rows[1][1], r.rows[2][1]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert trained.mean_cosine > start.mean_cosine, r.table()
+
+
+def test_tied_embeddings_teacher():
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    t = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    c = LowRankClone.from_teacher(t, 16)
+    ids, am = batch()
+    assert torch.isfinite(c(ids, attention_mask=am).loss)
+    with tempfile.TemporaryDirectory() as d:
+        c.save_student(d)
+        m = tf.AutoModelForCausalLM.from_pretrained(d).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=ids).logits, c.student_forward(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)

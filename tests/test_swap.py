@@ -1,0 +1,183 @@
+"""Swapping low-rank layers into tiny Hugging Face models built from configs."""
+import os
+
+import pytest
+import torch
+import transformers as T
+from transformers.pytorch_utils import Conv1D
+
+import lrkd_fast
+from lrkd_fast import LowRankConfig, LowRankLinear, load_lowrank, merge_linear_layers, save_lowrank, swap_linear_layers
+from lrkd_fast.swap import rank_for_fraction, whitened_factors
+
+VOCAB = 96
+
+
+def tiny(family):
+    common = dict(vocab_size=VOCAB)
+    if family == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        return T.LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, **common)
+        return T.Qwen2ForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
+        return T.GPT2LMHeadModel(cfg)
+    if family == "bert":
+        cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
+        return T.BertModel(cfg)
+    raise KeyError(family)
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
+EXPECTED_LAYERS = {"llama": 14, "qwen2": 14, "gpt2": 8, "bert": 13}  # bert: 12 in blocks + pooler
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_swap_reproduces_outputs_and_round_trips(family, tmp_path):
+    model = tiny(family).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    ref = _out(model, ids)
+    dense_before = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    report = swap_linear_layers(model, LowRankConfig(rank="full"))
+    assert len(report.layers) == EXPECTED_LAYERS[family]
+    assert all(isinstance(model.get_submodule(l.name), LowRankLinear) for l in report.layers)
+    assert max(l.rel_error for l in report.layers) < 1e-5
+    # the output head stays dense under "all-linear"
+    head = model.get_output_embeddings()
+    if head is not None:
+        assert isinstance(head, torch.nn.Linear)
+    out = _out(model, ids)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # parameter count: every swapped layer holds r (d_in + d_out)
+    for l in report.layers:
+        m = model.get_submodule(l.name)
+        assert sum(p.numel() for n, p in m.named_parameters() if n in ("U", "V")) == l.params_after
+    # save/load is bit exact
+    save_lowrank(model, str(tmp_path / "lr"))
+    again = load_lowrank(str(tmp_path / "lr"))
+    assert type(again) is type(model)
+    assert torch.equal(_out(again, ids), out)
+    # merge back to dense: the same layer kinds as before, loads with plain from_pretrained
+    merge_linear_layers(model)
+    for n, m in dense_before.items():
+        assert type(model.get_submodule(n)) is type(m)
+    torch.testing.assert_close(_out(model, ids), ref, atol=2e-5, rtol=1e-4)
+    model.save_pretrained(str(tmp_path / "merged"))
+    auto = T.AutoModelForCausalLM if family != "bert" else T.AutoModel
+    plain = auto.from_pretrained(str(tmp_path / "merged")).eval()
+    assert torch.equal(_out(plain, ids), _out(model, ids))
+
+
+def test_fraction_rank_parameter_counts():
+    model = tiny("llama")
+    report = swap_linear_layers(model, LowRankConfig(rank=0.25))
+    for l in report.layers:
+        assert l.rank == rank_for_fraction(0.25, l.d_in, l.d_out)
+        assert l.params_after <= 0.25 * l.params_before + 1e-9
+    assert rank_for_fraction(0.5, 384, 1536) == 153
+    assert report.params_after < 0.26 * report.params_before
+    assert "total" in report.to_table()
+
+
+def test_matching_rules():
+    names = lambda cfg: [l.name for l in swap_linear_layers(tiny("llama"), cfg).layers]
+    # list of suffixes
+    got = names(LowRankConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    assert got == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    # regex over the full name
+    got = names(LowRankConfig(rank=4, target_modules=r"model\.layers\.1\.mlp\..*"))
+    assert got == [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    # all-linear leaves the LM head alone; exclude_modules removes matches
+    got = names(LowRankConfig(rank=4, exclude_modules=["k_proj", "o_proj"]))
+    assert "lm_head" not in got and not any(n.endswith(("k_proj", "o_proj")) for n in got) and len(got) == 10
+    got = names(LowRankConfig(rank=4, exclude_modules=r".*layers\.0\..*"))
+    assert all(".layers.1." in n for n in got)
+    # rank_pattern overrides
+    model = tiny("llama")
+    rep = swap_linear_layers(model, LowRankConfig(rank=4, rank_pattern={r"mlp\.down_proj": 2, "q_proj": 0.5}))
+    ranks = {l.name: l.rank for l in rep.layers}
+    assert ranks["model.layers.0.mlp.down_proj"] == 2
+    assert ranks["model.layers.1.self_attn.q_proj"] == rank_for_fraction(0.5, 32, 32)
+    assert ranks["model.layers.0.mlp.up_proj"] == 4
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="target_modules .*'nope'.* match no module"):
+        swap_linear_layers(tiny("llama"), LowRankConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D"):
+        swap_linear_layers(torch.nn.Sequential(torch.nn.ReLU()), LowRankConfig())
+    with pytest.raises(ValueError, match="rank must be in 1..min"):
+        swap_linear_layers(tiny("llama"), LowRankConfig(rank=40))  # k_proj is 16 x 32
+    with pytest.raises(ValueError, match="rank as a fraction"):
+        LowRankConfig(rank=1.5)
+    with pytest.raises(ValueError, match="init must be one of"):
+        LowRankConfig(init="pca")
+    with pytest.raises(ValueError, match="needs calibration"):
+        swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened"))
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened"), calibration=[], progress=False)
+    with pytest.raises(ValueError, match="no LowRankLinear layers"):
+        merge_linear_layers(tiny("bert"))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_lowrank("/nonexistent/path")
+
+
+def test_load_rejects_plain_checkpoint(tmp_path):
+    m = tiny("bert")
+    m.save_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="lowrank_layout.json"):
+        load_lowrank(str(tmp_path))
+
+
+def test_whitened_factors_minimize_output_error():
+    torch.manual_seed(0)
+    # inputs with a strongly anisotropic covariance: whitening must beat plain SVD on outputs
+    X = torch.randn(2000, 24, dtype=torch.float64) * torch.logspace(1, -2, 24, dtype=torch.float64)
+    W = torch.randn(16, 24, dtype=torch.float64)
+    gram = X.t() @ X / len(X)
+    U, V = whitened_factors(W, gram, 4, damping=0.0)
+    lin = torch.nn.Linear(24, 16, bias=False).double()
+    lin.weight.data.copy_(W)
+    svd = LowRankLinear.from_linear(lin, 4)
+    err_w = (X @ W.t() - X @ U @ V).norm()
+    err_s = (X @ W.t() - svd(X)).norm()
+    assert err_w < 0.5 * err_s
+    # optimality: the whitened error equals the tail of the singular values of W L
+    L = torch.linalg.cholesky(gram)
+    s = torch.linalg.svdvals(W @ L)
+    assert torch.isclose(err_w / len(X) ** 0.5, s[4:].square().sum().sqrt(), rtol=1e-6)
+    # rank-deficient inputs (a dead feature) stay finite thanks to damping
+    X[:, 3] = 0
+    U2, V2 = whitened_factors(W, X.t() @ X / len(X), 4)
+    assert torch.isfinite(U2).all() and torch.isfinite(V2).all()
+
+
+def test_whitened_swap_on_tiny_model_uses_masked_inputs():
+    model = tiny("bert").eval()
+    ids = torch.randint(0, VOCAB, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[:, 8:] = 0
+    rep = swap_linear_layers(model, LowRankConfig(rank=8, init="whitened"),
+                             calibration=[{"input_ids": ids, "attention_mask": mask}], progress=False)
+    assert rep.init == "whitened" and len(rep.layers) == EXPECTED_LAYERS["bert"]
+    assert torch.isfinite(_out(model, ids)).all()
+
+
+def test_swapped_model_runs_triton_backend():
+    model = tiny("llama").eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    swap_linear_layers(model, LowRankConfig(rank=8))
+    with lrkd_fast.set_backend("eager"):
+        ref = _out(model, ids)
+    with lrkd_fast.set_backend("triton"):
+        out = _out(model, ids)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
