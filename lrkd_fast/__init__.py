@@ -9,6 +9,7 @@ from .ops import (CloneLoss, KDLoss, clone_loss, clone_loss_reference, clone_mse
                   lowrank_linear, lowrank_linear_reference)
 from .swap import LowRankConfig, load_lowrank, merge_linear_layers, save_lowrank, swap_linear_layers
 from .distillation import DistillConfig, Distiller, distill
+from .clone import LowRankClone
 from .rank import DEFAULT_SAMPLE_CONSTANT, rank_by_budget, rank_by_energy, rank_by_samples, suggest_rank
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "DistillConfig",
     "Distiller",
     "KDLoss",
+    "LowRankClone",
     "LowRankConfig",
     "LowRankLinear",
     "clone_loss",

@@ -36,7 +36,8 @@ def _add_distill(sub):
                     "package, text = CPython's pydoc topics; the encoder's linear layers keep 50%% of their "
                     "parameters (activation-aware init), then distillation; prints held-out fidelity.")
     p.add_argument("--method", choices=["swap", "lrc"], default="swap",
-                   help="swap: low-rank layers in the same model (default); lrc: Low-Rank Clone (not available yet)")
+                   help="swap: low-rank layers in the same model (default); lrc: Low-Rank Clone, a narrower "
+                        "student built from projections of the teacher's weights")
     p.add_argument("--teacher", default=None, help="model folder or offline-cached hub name (default: packaged MiniLM)")
     p.add_argument("--data", default=None, help="text file (one text per line) or .jsonl with a 'text' field")
     g = p.add_mutually_exclusive_group()
@@ -44,7 +45,8 @@ def _add_distill(sub):
     g.add_argument("--rank", type=int, default=None, help="one rank for every swapped layer")
     p.add_argument("--target-modules", default=None,
                    help="regex over module names (default: every linear inside the transformer blocks)")
-    p.add_argument("--init", choices=["whitened", "svd", "random"], default="whitened")
+    p.add_argument("--init", choices=["whitened", "svd", "random", "pca"], default=None,
+                   help="swap: whitened (default) | svd | random; lrc: random (default, the paper's) | pca")
     p.add_argument("--steps", type=int, default=400, help="most optimizer steps (default 400)")
     p.add_argument("--minutes", type=float, default=3.5,
                    help="time budget for distillation; the LR schedule ends with it (default 3.5; 0 = steps only)")
@@ -52,26 +54,66 @@ def _add_distill(sub):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--heldout", type=int, default=512, help="texts held out for the fidelity table")
-    p.add_argument("--output", default="runs/lowrank-student", help="where the student is saved")
+    p.add_argument("--output", default=None,
+                   help="where the student is saved (default runs/lowrank-student or runs/lrc-student)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (OUTPUT/checkpoints/*.pt)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    lrc = p.add_argument_group("Low-Rank Clone (--method lrc)")
+    lrc.add_argument("--student-hidden", type=int, default=256, help="student hidden size d_S (default 256)")
+    lrc.add_argument("--share-qkv", action="store_true", help="one projection for q, k and v")
+    lrc.add_argument("--share-gate-up", action="store_true", help="one projection for gate and up")
+    lrc.add_argument("--alpha", type=float, default=0.2, help="weight of the clone loss (paper: 0.2)")
+    lrc.add_argument("--temperature", type=float, default=40.0, help="KD temperature (paper: 40)")
+    lrc.add_argument("--kd-weight", type=float, default=1.0)
+    lrc.add_argument("--lm-weight", type=float, default=1.0)
+    lrc.add_argument("--gradient-checkpointing", action="store_true", help="recompute student blocks in backward")
     p.set_defaults(func=_run_distill)
+
+
+def _run_lrc(args) -> int:
+    from .clone.recipe import LRCRecipe, run_lrc_recipe
+
+    init = args.init or "random"
+    if init not in ("random", "pca"):
+        raise ValueError(f"--init {init} is not an LRC init; use random or pca")
+    recipe = LRCRecipe(teacher=args.teacher, data=args.data, student_hidden=args.student_hidden, init=init,
+                       share_qkv=args.share_qkv, share_gate_up=args.share_gate_up, alpha=args.alpha,
+                       temperature=args.temperature, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
+                       gradient_checkpointing=args.gradient_checkpointing, heldout=args.heldout, steps=args.steps,
+                       minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                       output=args.output or "runs/lrc-student", device=args.device, seed=args.seed,
+                       resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    result = run_lrc_recipe(recipe)
+    if result.rank != 0:
+        return 0
+    print()
+    print(f"held-out fidelity to the teacher ({recipe.heldout} texts; student embeddings mapped to the "
+          "teacher's width by a ridge read-out fitted on training texts):")
+    print(result.table())
+    print(f"student exported to {result.output} (an ordinary Hugging Face model of the teacher's family)")
+    return 0
 
 
 def _run_distill(args) -> int:
     if args.method == "lrc":
-        raise ValueError("--method lrc (Low-Rank Clone) is not available in this version; use --method swap")
+        return _run_lrc(args)
     from .recipes import SwapRecipe, run_swap_recipe
 
+    init = args.init or "whitened"
+    if init == "pca":
+        raise ValueError("--init pca is for --method lrc; swap inits are whitened, svd, random")
     recipe = SwapRecipe(teacher=args.teacher, data=args.data, keep=args.keep, rank=args.rank,
-                        target_modules=args.target_modules, init=args.init, heldout=args.heldout,
+                        target_modules=args.target_modules, init=init, heldout=args.heldout,
                         steps=args.steps, minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size,
-                        seq_len=args.seq_len, output=args.output, device=args.device, seed=args.seed,
+                        seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
+                        seed=args.seed,
                         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_swap_recipe(recipe)
+    if result.rank != 0:
+        return 0
     print()
     print(result.swap_report.to_table().splitlines()[-1].replace("total", "swapped layers", 1))
     print(f"held-out fidelity to the teacher ({recipe.heldout} texts, mean-pooled embeddings):")

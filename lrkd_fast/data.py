@@ -7,7 +7,6 @@ import random
 import re
 from typing import Iterator, Optional
 
-import torch
 
 __all__ = ["pydoc_sentences", "read_texts", "split_texts", "TextBatches", "packaged_minilm_path"]
 
@@ -83,10 +82,14 @@ class TextBatches:
     With ``bucket=True`` (default when shuffling) each epoch's shuffled texts are grouped, within
     windows of 64 batches, by length, so batches carry little padding (about 2x less compute on
     sentence data); batch order is shuffled again afterwards.
+
+    Under torchrun give each process its ``rank`` and the ``world_size``: a global step then covers
+    ``batch_size * world_size`` texts and each process gets its own ``batch_size`` of them.
     """
 
     def __init__(self, texts: list[str], tokenizer, batch_size: int = 32, seq_len: int = 128,
-                 shuffle: bool = True, seed: int = 0, device=None, bucket: Optional[bool] = None):
+                 shuffle: bool = True, seed: int = 0, device=None, bucket: Optional[bool] = None,
+                 rank: int = 0, world_size: int = 1):
         if not texts:
             raise ValueError("texts is empty: nothing to train or evaluate on")
         if batch_size < 1:
@@ -95,12 +98,19 @@ class TextBatches:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         self.texts, self.tok = list(texts), tokenizer
         self.batch_size, self.seq_len, self.shuffle, self.seed = batch_size, seq_len, shuffle, seed
+        if not (world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
+        if world_size > 1 and len(texts) < batch_size * world_size:
+            raise ValueError(f"{len(texts)} texts cannot fill one global batch of {batch_size} x {world_size} processes")
+        self.rank, self.world_size = rank, world_size
         self.device = device
         self.bucket = shuffle if bucket is None else bucket
         self._lengths = None
 
     def __len__(self) -> int:
-        return (len(self.texts) + self.batch_size - 1) // self.batch_size
+        """Steps per epoch (global batches, the last one possibly short)."""
+        glob = self.batch_size * self.world_size
+        return (len(self.texts) + glob - 1) // glob
 
     def epoch_order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.texts)))
@@ -111,7 +121,8 @@ class TextBatches:
         if self.bucket:
             if self._lengths is None:  # character length: a cheap, tokenizer-independent proxy
                 self._lengths = [len(t) for t in self.texts]
-            bs, window = self.batch_size, 64 * self.batch_size
+            bs = self.batch_size * self.world_size  # buckets of global batches: sharding keeps the order
+            window = 64 * bs
             batches = []
             for w in range(0, len(idx), window):
                 chunk = sorted(idx[w:w + window], key=lambda i: self._lengths[i])
@@ -125,7 +136,10 @@ class TextBatches:
     def batch(self, step: int) -> dict:
         """The batch of global step ``step`` (epochs wrap around)."""
         epoch, i = divmod(step, len(self))
-        idx = self.epoch_order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        glob = self.batch_size * self.world_size
+        idx = self.epoch_order(epoch)[i * glob:(i + 1) * glob]
+        share = -(-len(idx) // self.world_size)
+        idx = idx[self.rank * share:(self.rank + 1) * share] or idx[-1:]  # never an empty shard
         return self.encode([self.texts[j] for j in idx])
 
     def encode(self, texts: list[str]) -> dict:
@@ -136,6 +150,7 @@ class TextBatches:
         return enc
 
     def __iter__(self) -> Iterator[dict]:
-        idx = list(range(len(self.texts)))
-        for i in range(len(self)):
-            yield self.encode([self.texts[j] for j in idx[i * self.batch_size:(i + 1) * self.batch_size]])
+        """Every text once, in the given order (for evaluation and calibration)."""
+        bs = self.batch_size
+        for i in range(0, len(self.texts), bs):
+            yield self.encode(self.texts[i:i + bs])

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 
 from .evaluate import mean_pool
 from .layers import LowRankLinear
+from .swap import find_blocks
 
 __all__ = ["DistillConfig", "Distiller", "TrainingLoop", "distill", "find_blocks"]
 
@@ -76,17 +77,6 @@ class DistillConfig:
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-
-def find_blocks(model: nn.Module) -> list[str]:
-    """Names of the transformer blocks: the children of the largest ``nn.ModuleList`` in the model."""
-    best = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and (best is None or len(m) > len(best[1])):
-            best = (name, m)
-    if best is None:
-        return []
-    return [f"{best[0]}.{i}" for i in range(len(best[1]))]
 
 
 def _first_tensor(out):

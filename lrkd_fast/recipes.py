@@ -21,7 +21,26 @@ from .distillation import DistillConfig, Distiller
 from .evaluate import EmbeddingFidelity, embedding_fidelity, sentence_embeddings
 from .swap import LowRankConfig, save_lowrank, swap_linear_layers
 
-__all__ = ["SwapRecipe", "RecipeResult", "run_swap_recipe", "load_teacher"]
+__all__ = ["SwapRecipe", "RecipeResult", "run_swap_recipe", "load_teacher", "init_distributed"]
+
+
+def init_distributed(device: Optional[str]) -> tuple[int, int, str]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process (LOCAL_RANK) when CUDA is available, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    use_nccl = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    if use_nccl:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 @dataclass
@@ -51,6 +70,7 @@ class SwapRecipe:
 class RecipeResult:
     rows: list = field(default_factory=list)  # (label, EmbeddingFidelity, params, seconds)
     output: str = ""
+    rank: int = 0  # process rank under torchrun (only rank 0 saves and prints)
     history: dict = field(default_factory=dict)
     swap_report: object = None
 
@@ -83,8 +103,38 @@ def load_teacher(name_or_path: Optional[str], device: str):
     return model, tok
 
 
+@dataclass
+class Prepared:
+    """What every recipe starts from: the process layout, teacher, tokenizer and the text split."""
+    rank: int
+    world: int
+    device: str
+    teacher: object
+    tok: object
+    train: list
+    held: list
+    result: RecipeResult
+
+
+def prepare(teacher: Optional[str], data: Optional[str], heldout: int, batch_size: int, device: Optional[str],
+            seed: int, output: str) -> Prepared:
+    """Join torchrun if launched by it, load the teacher and the text, hold out ``heldout`` texts."""
+    rank, world, device = init_distributed(device)
+    torch.manual_seed(seed)
+    model, tok = load_teacher(teacher, device)
+    texts = read_texts(data) if data else pydoc_sentences()
+    if len(texts) < heldout + max(batch_size * world, 2):
+        raise ValueError(f"data has {len(texts)} texts: too few for {heldout} held-out texts plus training "
+                         f"(lower --heldout or give more data)")
+    train, held = split_texts(texts, heldout, seed=seed)
+    result = RecipeResult(output=output, rank=rank)
+    result.rows.append(("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
+                        sum(p.numel() for p in model.parameters()), 0.0))
+    return Prepared(rank, world, device, model, tok, train, held, result)
+
+
 def _default_targets(model) -> str:
-    from .distillation import find_blocks
+    from .swap import find_blocks
 
     blocks = find_blocks(model)
     if not blocks:
@@ -95,34 +145,27 @@ def _default_targets(model) -> str:
 
 def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     t_start = time.time()
-    device = r.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(r.seed)
-    teacher, tok = load_teacher(r.teacher, device)
-    texts = read_texts(r.data) if r.data else pydoc_sentences()
-    if len(texts) < r.heldout + max(r.batch_size, 2):
-        raise ValueError(f"data has {len(texts)} texts: too few for {r.heldout} held-out texts plus training "
-                         f"(lower --heldout or give more data)")
-    train, held = split_texts(texts, r.heldout, seed=r.seed)
+    pre = prepare(r.teacher, r.data, r.heldout, r.batch_size, r.device, r.seed, r.output)
+    rank, world, device, teacher, tok = pre.rank, pre.world, pre.device, pre.teacher, pre.tok
+    train, held, result = pre.train, pre.held, pre.result
     held_batches = list(TextBatches(held, tok, 64, r.seq_len, shuffle=False, device=device))
     t_emb = sentence_embeddings(teacher, held_batches)
-    result = RecipeResult(output=r.output)
-    n_params = sum(p.numel() for p in teacher.parameters())
-    result.rows.append(("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)), n_params, 0.0))
 
     student = copy.deepcopy(teacher)
     cfg = LowRankConfig(rank=r.rank if r.rank is not None else float(r.keep),
                         target_modules=r.target_modules or _default_targets(teacher), init=r.init)
     t0 = time.time()
     calib = list(TextBatches(train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=device))
-    report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress)
+    report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and rank == 0)
     result.swap_report = report
     s_params = sum(p.numel() for p in student.parameters())
     fid0 = embedding_fidelity(sentence_embeddings(student, held_batches), t_emb)
     result.rows.append((f"low-rank start ({r.init})", fid0, s_params, time.time() - t0))
 
-    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, progress=r.progress,
+    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed,
+                         progress=r.progress and rank == 0,
                          checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
-    data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device)
+    data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device, rank=rank, world_size=world)
     t1 = time.time()
     d = Distiller(student, teacher, dcfg)
     try:
@@ -131,7 +174,8 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
         d.close()
     fid1 = embedding_fidelity(sentence_embeddings(student, held_batches), t_emb)
     result.rows.append((f"distilled ({len(result.history['step'])} steps)", fid1, s_params, time.time() - t1))
-    save_lowrank(student, r.output)
-    tok.save_pretrained(r.output)
+    if rank == 0:
+        save_lowrank(student, r.output)
+        tok.save_pretrained(r.output)
     result.rows.append(("total wall time", fid1, s_params, time.time() - t_start))
     return result

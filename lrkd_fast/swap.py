@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
@@ -207,22 +207,80 @@ class SwapReport:
 
 def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware factors of a (d_out, d_in) weight for inputs with second moment ``gram``.
+    """Activation-aware factors of a (d_out, d_in) weight.
 
-    Minimizes E||x W^T - x U V||^2 over rank-``rank`` U V: with ``gram + damping*mean(diag) I =
-    L L^T`` (Cholesky), take the rank-r SVD of ``W L = A S B^T``; then ``U = L^{-T} B_r S_r^{1/2}``,
-    ``V = S_r^{1/2} A_r^T``. Computed in float64.
+    With ``gram`` = E[x x^T] of the layer's inputs, minimizes E||x W^T - x U V||^2 over rank-``rank``
+    U V: with ``gram + damping*mean(diag) I = L L^T`` (Cholesky), take the rank-r SVD of
+    ``B = L^{-1} gram W^T`` (= (W L)^T up to the damping) ``= A S Bh``; then
+    ``U = L^{-T} A_r S_r^{1/2}``, ``V = S_r^{1/2} Bh_r``.
+
+    Computed in float64.
     """
     w = weight.detach().to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     d = g.shape[0]
     eps = damping * g.diagonal().mean().clamp_min(1e-12)
     L = torch.linalg.cholesky(g + eps * torch.eye(d, dtype=g.dtype, device=g.device))
-    A, S, Bh = torch.linalg.svd(w @ L, full_matrices=False)
+    B = torch.linalg.solve_triangular(L, g @ w.t(), upper=False)
+    A, S, Bh = torch.linalg.svd(B, full_matrices=False)
     root = S[:rank].sqrt()
-    U = torch.linalg.solve_triangular(L.t(), Bh[:rank].t(), upper=True) * root
-    V = root[:, None] * A[:, :rank].t()
+    U = torch.linalg.solve_triangular(L.t(), A[:, :rank], upper=True) * root
+    V = root[:, None] * Bh[:rank]
     return U, V
+
+
+class _InputCapture:
+    """Pre-hooks that hand each named layer's unmasked input rows (2-D) to ``sink(name, rows)``."""
+
+    def __init__(self, model: nn.Module, names, sink):
+        self.mask = None
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n, sink)) for n in names]
+
+    def _hook(self, name, sink):
+        def fn(module, args):
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            if self.mask is not None and self.mask.numel() == rows.shape[0]:
+                rows = rows[self.mask.reshape(-1).bool()]
+            sink(name, rows)
+        return fn
+
+    def run(self, model, batch, forward=None):
+        if forward is not None:
+            return forward(model, batch)
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        self.mask = batch.get("attention_mask")
+        return model(**batch)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _as_batches(batches):
+    batches = list(batches) if not hasattr(batches, "__len__") else batches
+    if len(batches) == 0:
+        raise ValueError("calibration data is empty: whitened init needs at least one batch")
+    return batches
+
+
+class _GramSum:
+    """Running sums of x^T y in float64 (each batch's product taken in float32: fast and plenty exact)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, key, x, y=None):
+        xf = x.float()
+        g = (xf.t() @ (xf if y is None else y.float())).double()
+        self.sums[key] = g if key not in self.sums else self.sums[key] + g
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+    def mean(self, key):
+        if not self.counts.get(key):
+            raise ValueError(f"calibration data never reached layer {key!r} (no unmasked inputs)")
+        return self.sums[key] / self.counts[key]
 
 
 @torch.no_grad()
@@ -237,46 +295,29 @@ def collect_input_grams(model: nn.Module, layers: dict[str, nn.Module], batches:
     """
     from tqdm.auto import tqdm
 
-    grams = {n: None for n in layers}
-    counts = {n: 0 for n in layers}
-    state = {"mask": None}
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach()
-            x2 = x.reshape(-1, x.shape[-1])
-            mask = state["mask"]
-            if mask is not None and mask.numel() == x2.shape[0]:
-                x2 = x2[mask.reshape(-1).bool()]
-            x2 = x2.to(torch.float64)
-            g = x2.t() @ x2
-            grams[name] = g if grams[name] is None else grams[name] + g
-            counts[name] += x2.shape[0]
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    batches = _as_batches(batches)
+    grams = _GramSum()
+    cap = _InputCapture(model, list(layers), lambda n, rows: grams.add(n, rows))
     was_training = model.training
     model.eval()
     try:
-        batches = list(batches) if not hasattr(batches, "__len__") else batches
-        if len(batches) == 0:
-            raise ValueError("calibration data is empty: whitened init needs at least one batch")
         for batch in tqdm(batches, desc="calibrating", disable=not progress):
-            if forward is not None:
-                forward(model, batch)
-                continue
-            if isinstance(batch, torch.Tensor):
-                batch = {"input_ids": batch}
-            state["mask"] = batch.get("attention_mask")
-            model(**batch)
+            cap.run(model, batch, forward)
     finally:
-        for h in handles:
-            h.remove()
+        cap.remove()
         model.train(was_training)
-    missing = [n for n, c in counts.items() if c == 0]
-    if missing:
-        raise ValueError(f"calibration data never reached layers {missing[:5]} (no unmasked inputs)")
-    return {n: grams[n] / counts[n] for n in layers}
+    return {n: grams.mean(n) for n in layers}
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks: the children of the largest ``nn.ModuleList`` in the model."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (best is None or len(m) > len(best[1])):
+            best = (name, m)
+    if best is None:
+        return []
+    return [f"{best[0]}.{i}" for i in range(len(best[1]))]
 
 
 # ------------------------------------------------------------------------------------ swap / merge
@@ -285,6 +326,28 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _make_lowrank(name, m, r, config, stats) -> tuple[LowRankLinear, LayerReport]:
+    w, b, kind = _dense_weight(m)
+    d_out, d_in = w.shape
+    new = LowRankLinear(d_in, d_out, r, bias=b is not None, dtype=w.dtype, device=w.device)
+    new.dense_kind = kind
+    with torch.no_grad():
+        if config.init == "svd":
+            U, V = svd_factors(w, r)
+        elif config.init == "whitened":
+            U, V = whitened_factors(w, stats, r, config.damping)
+        if config.init != "random":
+            new.U.copy_(U)
+            new.V.copy_(V)
+        if b is not None:
+            new.bias.copy_(b)
+        w64 = w.detach().double()
+        err = (torch.linalg.matrix_norm(w64 - (new.U.double() @ new.V.double()).t())
+               / torch.linalg.matrix_norm(w64).clamp_min(1e-30)).item()
+    new.train(m.training)
+    return new, LayerReport(name, d_in, d_out, r, d_in * d_out, r * (d_in + d_out), err)
 
 
 def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None, calibration=None,
@@ -304,32 +367,17 @@ def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None,
     for name, m in layers.items():
         w, _, _ = _dense_weight(m)
         ranks[name] = _rank_for(name, w.shape[1], w.shape[0], config)
-    grams = None
+    stats = {n: None for n in layers}
     if config.init == "whitened":
         if calibration is None:
             raise ValueError("init='whitened' needs calibration batches: swap_linear_layers(model, config, "
                              "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...])")
-        grams = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
+        stats = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
     reports = []
     for name, m in layers.items():
-        w, b, kind = _dense_weight(m)
-        d_out, d_in = w.shape
-        r = ranks[name]
-        new = LowRankLinear(d_in, d_out, r, bias=b is not None, dtype=w.dtype, device=w.device)
-        new.dense_kind = kind
-        with torch.no_grad():
-            if config.init != "random":
-                U, V = svd_factors(w, r) if config.init == "svd" else whitened_factors(w, grams[name], r, config.damping)
-                new.U.copy_(U)
-                new.V.copy_(V)
-            if b is not None:
-                new.bias.copy_(b)
-            w64 = w.detach().double()
-            err = (torch.linalg.matrix_norm(w64 - (new.U.double() @ new.V.double()).t())
-                   / torch.linalg.matrix_norm(w64).clamp_min(1e-30)).item()
-        new.train(m.training)
+        new, report = _make_lowrank(name, m, ranks[name], config, stats[name])
         _set_module(model, name, new)
-        reports.append(LayerReport(name, d_in, d_out, r, d_in * d_out, r * (d_in + d_out), err))
+        reports.append(report)
     return SwapReport(reports, config.init)
 
 

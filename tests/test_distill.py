@@ -190,3 +190,19 @@ def test_minilm_whitened_beats_svd_and_distillation_improves(minilm):
     clone = [p["clone"] for p in hist["parts"]]
     assert sum(clone[-5:]) / 5 < 0.85 * sum(clone[:5]) / 5
     assert end.mean_cosine > start.mean_cosine + 0.01, (start, end)
+
+
+def test_text_batches_shard_a_global_batch_across_ranks():
+    tok = T.AutoTokenizer.from_pretrained(packaged_minilm_path())
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(50)]
+    full = TextBatches(texts, tok, 8, 32, seed=2)
+    shards = [TextBatches(texts, tok, 4, 32, seed=2, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(full)
+    decode = lambda b: {tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in
+                        zip(b["input_ids"], b["attention_mask"])}
+    for step in range(len(full)):
+        parts = [decode(s.batch(step)) for s in shards]
+        assert not parts[0] & parts[1]
+        assert parts[0] | parts[1] == decode(full.batch(step))
+    with pytest.raises(ValueError, match="rank must be in"):
+        TextBatches(texts, tok, 4, rank=2, world_size=2)

@@ -1,5 +1,4 @@
 """Swapping low-rank layers into tiny Hugging Face models built from configs."""
-import os
 
 import pytest
 import torch
@@ -181,3 +180,4 @@ def test_swapped_model_runs_triton_backend():
     with lrkd_fast.set_backend("triton"):
         out = _out(model, ids)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+

@@ -4,11 +4,11 @@ from .families import FAMILIES, Family, family_for, supported_model_types
 from .model import CloneOutput, LowRankClone
 
 __all__ = ["FAMILIES", "Family", "family_for", "supported_model_types", "CloneOutput", "LowRankClone",
-           "LRCConfig", "LRCTrainer", "LRCRecipe", "run_lrc_recipe"]
+           "LRCTrainer", "LRCRecipe", "run_lrc_recipe"]
 
 
 def __getattr__(name):  # the recipe imports the data / evaluation stack: load it on first use
-    if name in ("LRCConfig", "LRCTrainer", "LRCRecipe", "run_lrc_recipe"):
+    if name in ("LRCTrainer", "LRCRecipe", "run_lrc_recipe"):
         from . import recipe
         return getattr(recipe, name)
     raise AttributeError(name)

@@ -179,6 +179,11 @@ class LowRankClone(nn.Module):
                              f"hidden size ({d_T})")
         if association not in ("auto", "formed", "factorized"):
             raise ValueError(f"association must be 'auto', 'formed' or 'factorized', got {association!r}")
+        layer_types = getattr(tcfg, "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            # the block inputs are captured once (at block 0) and reused: one mask for every block
+            raise NotImplementedError(f"teachers with mixed attention layer types ({sorted(set(layer_types))}) "
+                                      f"are not supported yet")
         heads = tcfg.num_attention_heads
         head_dim = getattr(tcfg, "head_dim", None) or d_T // heads
         if fam.causal and getattr(tcfg, "head_dim", None) is None and d_T % heads:
@@ -267,7 +272,8 @@ class LowRankClone(nn.Module):
         """Build the clone of ``teacher`` (frozen, not copied) with hidden size ``student_hidden_size``.
 
         init: "random" (N(0, init_std), the paper's), "pca" (data-informed: every projection starts from
-        the top-d_S principal directions of the teacher's hidden states on ``calibration`` batches), or
+        the top-d_S principal directions of the teacher's hidden states on ``calibration`` batches, and the
+        norms from the teacher's norms seen through those directions), or
         "identity" (d_S == d_T, every projection the identity, norms copied: the student equals the
         teacher; for tests). Other keywords: see the class signature.
         """
@@ -341,19 +347,40 @@ class LowRankClone(nn.Module):
             for p in self.proj.values():
                 p.normal_(0.0, std)
             return
-        # "pca": shared top-d_S principal directions U of the teacher's hidden states (uncentered)
+        # "pca": every projection is U, the top-d_S principal directions of the teacher's hidden states
+        # (uncentered second moment on the calibration batches), so the student's hidden state starts as
+        # the teacher's projected onto that subspace, h_S ~ h_T U, and every student weight is the teacher's
+        # restricted to it. The student's norms are set so that they reproduce the teacher's on that
+        # subspace: a norm divides by the RMS over d_S coordinates of z U, which carries a fraction f of
+        # the energy of z (d_T coordinates), so its output is sqrt(d_S / (f d_T)) times (z / rms(z)) U; the
+        # weight is the teacher's gamma seen through U (the diagonal of U^T diag(gamma) U) times
+        # sqrt(f d_T / d_S), a LayerNorm bias is beta_T U. f is estimated from the same second moment.
         if not calibration:
             raise ValueError("init='pca' needs calibration batches (a non-empty list of tokenized batch dicts)")
-        U = self.principal_directions(calibration)
-        scale = math.sqrt(self.d_T / self.d_S)  # normalized student inputs are sqrt(d_S/d_T) smaller
-        in_keys = {r[2] for r in self.plan.values() if r[0] == "in"}
-        for key, p in self.proj.items():
-            p.copy_((U * scale if key in in_keys else U).to(p.dtype))
+        U, frac = self._principal(calibration)
+        for p in self.proj.values():
+            p.copy_(U.to(p.dtype))
+        gain = math.sqrt(frac * self.d_T / self.d_S)
+        Uf = U.to(torch.float64)
+        for rule in self.plan.values():
+            if rule[0] != "norm":
+                continue
+            w_T = tparams[rule[1]].to(torch.float64)
+            target = self.norms[rule[2]]
+            if rule[1].endswith(".bias"):
+                target.copy_((w_T @ Uf).to(target.dtype))
+            else:
+                target.copy_((((Uf * Uf) * w_T[:, None]).sum(0) * gain).to(target.dtype))
 
     @torch.no_grad()
     def principal_directions(self, batches) -> torch.Tensor:
         """(d_T, d_S): top-d_S eigenvectors of the second moment of the teacher's hidden states
         (every layer's input and the last output, real tokens only) over ``batches``."""
+        return self._principal(batches)[0]
+
+    @torch.no_grad()
+    def _principal(self, batches) -> tuple:
+        """(principal_directions, fraction of the second moment's trace those directions carry)."""
         C = torch.zeros(self.d_T, self.d_T, dtype=torch.float64, device=self.proj["emb"].device)
         for b in batches:
             out = self.tbase(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
@@ -365,7 +392,8 @@ class LowRankClone(nn.Module):
                     x = x[mask.reshape(-1).bool()]
                 C += x.t() @ x
         evals, evecs = torch.linalg.eigh(C)
-        return evecs[:, -self.d_S:].flip(-1).to(self.proj["emb"].dtype)
+        frac = (evals[-self.d_S:].sum() / evals.sum().clamp_min(1e-300)).clamp(0.0, 1.0).item()
+        return evecs[:, -self.d_S:].flip(-1).to(self.proj["emb"].dtype), frac
 
     # ------------------------------------------------------------------ weights
     def _weight(self, rule, tparams) -> torch.Tensor:
@@ -538,7 +566,7 @@ class LowRankClone(nn.Module):
     def student_forward(self, **inputs):
         """The student model's own forward with the current weights (functional_call, no export)."""
         self._factorized.clear()
-        return functional_call(self.student, self.student_state_dict(), (), inputs, strict=False)
+        return functional_call(self.student, self.student_state_dict(), (), inputs, strict=False, tie_weights=False)
 
     @torch.no_grad()
     def export_student(self) -> nn.Module:

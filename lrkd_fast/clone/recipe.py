@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import TextBatches, pydoc_sentences, read_texts, split_texts
+from ..data import TextBatches
 from ..distillation import DistillConfig, TrainingLoop
 from ..evaluate import EmbeddingFidelity, embedding_fidelity, sentence_embeddings
-from ..recipes import RecipeResult, load_teacher
+from ..recipes import RecipeResult, prepare
 from .model import LowRankClone
 
 __all__ = ["LRCTrainer", "LRCRecipe", "run_lrc_recipe", "readout_fidelity"]
@@ -96,20 +96,12 @@ def _embed_student(clone: LowRankClone, batches):
 
 def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     t_start = time.time()
-    device = r.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(r.seed)
-    teacher, tok = load_teacher(r.teacher, device)
-    texts = read_texts(r.data) if r.data else pydoc_sentences()
-    if len(texts) < r.heldout + max(r.batch_size, 2):
-        raise ValueError(f"data has {len(texts)} texts: too few for {r.heldout} held-out texts plus training "
-                         f"(lower --heldout or give more data)")
-    train, held = split_texts(texts, r.heldout, seed=r.seed)
+    pre = prepare(r.teacher, r.data, r.heldout, r.batch_size, r.device, r.seed, r.output)
+    rank, world, device, teacher, tok = pre.rank, pre.world, pre.device, pre.teacher, pre.tok
+    train, held, result = pre.train, pre.held, pre.result
     held_b = list(TextBatches(held, tok, 64, r.seq_len, shuffle=False, device=device))
     fit_b = list(TextBatches(train[:r.fit_texts], tok, 64, r.seq_len, shuffle=False, device=device))
     t_held, t_fit = sentence_embeddings(teacher, held_b), sentence_embeddings(teacher, fit_b)
-    result = RecipeResult(output=r.output)
-    result.rows.append(("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
-                        sum(p.numel() for p in teacher.parameters()), 0.0))
 
     t0 = time.time()
     calib = list(TextBatches(train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=device)) \
@@ -123,13 +115,13 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     fid0 = readout_fidelity(sentence_embeddings(student, fit_b), t_fit, sentence_embeddings(student, held_b), t_held)
     result.rows.append((f"LRC start ({r.init})", fid0, s_params, time.time() - t0))
 
-    cfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, progress=r.progress,
+    cfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, progress=r.progress and rank == 0,
                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
-    data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device)
+    data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device, rank=rank, world_size=world)
     t1 = time.time()
     try:
         result.history = LRCTrainer(clone, cfg).train(data, resume_from=r.resume)
-        student = clone.save_student(r.output, tokenizer=tok)
+        student = clone.save_student(r.output, tokenizer=tok) if rank == 0 else clone.export_student()
     finally:
         clone.close()
     fid1 = readout_fidelity(sentence_embeddings(student, fit_b), t_fit, sentence_embeddings(student, held_b), t_held)
