@@ -46,14 +46,17 @@ def _add_distill(sub):
     p.add_argument("--target-modules", default=None,
                    help="regex over module names (default: every linear inside the transformer blocks)")
     p.add_argument("--init", choices=["whitened", "svd", "random", "pca"], default=None,
-                   help="swap: whitened (default) | svd | random; lrc: random (default, the paper's) | pca")
-    p.add_argument("--steps", type=int, default=400, help="most optimizer steps (default 400)")
-    p.add_argument("--minutes", type=float, default=3.5,
-                   help="time budget for distillation; the LR schedule ends with it (default 3.5; 0 = steps only)")
+                   help="swap: whitened (default) | svd | random; lrc: pca (default, data-informed) | random "
+                        "(the paper's)")
+    p.add_argument("--steps", type=int, default=2000, help="most optimizer steps (default 2000)")
+    p.add_argument("--minutes", type=float, default=4.0,
+                   help="time budget for distillation; the LR schedule ends with it (default 4; 0 = steps only)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="texts per step and process (default 16)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--heldout", type=int, default=512, help="texts held out for the fidelity table")
+    p.add_argument("--calib-texts", type=int, default=None,
+                   help="texts for the whitened (swap) or pca (lrc) init statistics (default 1024 / 256)")
     p.add_argument("--output", default=None,
                    help="where the student is saved (default runs/lowrank-student or runs/lrc-student)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -76,13 +79,14 @@ def _add_distill(sub):
 def _run_lrc(args) -> int:
     from .clone.recipe import LRCRecipe, run_lrc_recipe
 
-    init = args.init or "random"
+    init = args.init or "pca"
     if init not in ("random", "pca"):
         raise ValueError(f"--init {init} is not an LRC init; use random or pca")
     recipe = LRCRecipe(teacher=args.teacher, data=args.data, student_hidden=args.student_hidden, init=init,
                        share_qkv=args.share_qkv, share_gate_up=args.share_gate_up, alpha=args.alpha,
                        temperature=args.temperature, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
                        gradient_checkpointing=args.gradient_checkpointing, heldout=args.heldout, steps=args.steps,
+                       **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                        minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                        output=args.output or "runs/lrc-student", device=args.device, seed=args.seed,
                        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
@@ -107,6 +111,7 @@ def _run_distill(args) -> int:
         raise ValueError("--init pca is for --method lrc; swap inits are whitened, svd, random")
     recipe = SwapRecipe(teacher=args.teacher, data=args.data, keep=args.keep, rank=args.rank,
                         target_modules=args.target_modules, init=init, heldout=args.heldout,
+                        **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                         steps=args.steps, minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size,
                         seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
                         seed=args.seed,

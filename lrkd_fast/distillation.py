@@ -45,7 +45,8 @@ class DistillConfig:
     warmup: float = 0.05  # fraction of steps
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warm-up)
     max_grad_norm: float = 1.0
-    clone_modules: Union[str, list, None] = "auto"  # "auto" = transformer blocks; list of names; None = off
+    # "auto" = transformer block outputs; "lowrank" = every swapped layer's output; a list of names; None = off
+    clone_modules: Union[str, list, None] = "auto"
     clone_weight: float = 1.0
     clone_normalize: bool = True  # divide each term by the teacher activation's mean square
     output_loss: str = "auto"  # "kd" for causal LMs, "cosine" otherwise
@@ -218,8 +219,11 @@ class TrainingLoop:
                 history["seconds"] = time.time() - t0
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} |
-                                    {"tok/s": f"{history['tokens'] / max(history['seconds'], 1e-9):.0f}"})
+                    post = {k: f"{v:.4g}" for k, v in parts.items()}
+                    post["tok/s"] = f"{history['tokens'] / max(history['seconds'], 1e-9):.0f}"
+                    if cfg.max_minutes is not None:  # the budget, not the step count, usually ends the run
+                        post["budget left"] = f"{max(0.0, 60 * cfg.max_minutes - history['seconds']):.0f}s"
+                    bar.set_postfix(post)
                 if on_step is not None:
                     on_step(step, parts)
                 done = step + 1
@@ -306,6 +310,8 @@ class Distiller(TrainingLoop):
             names = find_blocks(student)
             if not names:
                 raise ValueError("could not find transformer blocks for clone_modules='auto'; pass module names")
+        elif names == "lowrank":
+            names = [n for n, m in student.named_modules() if isinstance(m, LowRankLinear)]
         self.clone_names = list(names or [])
         self._s_catch = _Catcher(student, self.clone_names, detach=False)
         self._t_catch = _Catcher(teacher, self.clone_names, detach=True)

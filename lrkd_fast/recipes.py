@@ -51,12 +51,14 @@ class SwapRecipe:
     rank: Optional[int] = None
     target_modules: Union[str, list, None] = None  # None: the encoder/decoder blocks' linears
     init: str = "whitened"
-    calib_texts: int = 256
+    calib_texts: int = 1024  # 1024 vs 256: 0.842 vs 0.830 start cosine on MiniLM
     heldout: int = 512
-    steps: int = 400
-    minutes: Optional[float] = 3.5
+    steps: int = 2000  # with the default time budget the schedule follows the clock (~480 steps on 2 CPU cores)
+    minutes: Optional[float] = 4.0
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 16  # more, smaller steps beat fewer large ones in a short budget (measured)
+    train_norms: bool = True  # LayerNorm / RMSNorm weights and biases of the student train too
+    train_bias: bool = True
     seq_len: int = 128
     output: str = "runs/lowrank-student"
     device: Optional[str] = None
@@ -162,7 +164,8 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     fid0 = embedding_fidelity(sentence_embeddings(student, held_batches), t_emb)
     result.rows.append((f"low-rank start ({r.init})", fid0, s_params, time.time() - t0))
 
-    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed,
+    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, train_norms=r.train_norms,
+                         train_bias=r.train_bias,
                          progress=r.progress and rank == 0,
                          checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
     data = TextBatches(train, tok, r.batch_size, r.seq_len, seed=r.seed, device=device, rank=rank, world_size=world)
@@ -177,5 +180,5 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     if rank == 0:
         save_lowrank(student, r.output)
         tok.save_pretrained(r.output)
-    result.rows.append(("total wall time", fid1, s_params, time.time() - t_start))
+    result.rows.append(("saved student, total wall time", fid1, s_params, time.time() - t_start))
     return result

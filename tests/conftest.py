@@ -38,3 +38,13 @@ def _seed():
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def eager_backend():
+    """For whole-model runs on CPU: the interpreted Triton kernels are exact but far too slow for a
+    full model, and they are compared with eager op by op in the op tests."""
+    import lrkd_fast
+
+    with lrkd_fast.set_backend("eager"):
+        yield

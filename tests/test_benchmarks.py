@@ -4,11 +4,11 @@ import csv
 from lrkd_fast.benchmarks import runner
 
 
-def test_runner_small_lowrank(tmp_path):
-    rows = runner.run(device="cpu", small=True, ops=["lowrank_linear"], out_dir=str(tmp_path),
-                      warmup=0, iters=1, quiet=True)
-    providers = {r.provider for r in rows}
-    assert {"eager", "torch.compile", "lrkd_fast"} <= providers
+def test_runner_small_all_ops(tmp_path):
+    rows = runner.run(device="cpu", small=True, out_dir=str(tmp_path), warmup=0, iters=1, quiet=True)
+    assert {r.op for r in rows} == {"lowrank_linear", "clone_loss", "kd_loss"}
+    for op in ("lowrank_linear", "clone_loss", "kd_loss"):
+        assert {"eager", "torch.compile", "lrkd_fast"} <= {r.provider for r in rows if r.op == op}
     for r in rows:
         assert not r.note.startswith("error"), r
         assert r.max_rel_err is not None and r.max_rel_err < 1e-4, r  # lrkd_fast runs interpreted here

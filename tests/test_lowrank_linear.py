@@ -195,3 +195,31 @@ def test_torch_compile_fullgraph():
     assert_close_rel(y, y_ref)
     for g, p in zip(grads, (x, layer.U, layer.V, layer.bias)):
         assert_close_rel(g, p.grad)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(0, 70), d_in=st.integers(1, 90), r=st.integers(1, 40), d_out=st.integers(1, 70),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_any_shape_matches_float64(m, d_in, r, d_out, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d_in, generator=g, requires_grad=True)
+    U = torch.randn(d_in, r, generator=g, requires_grad=True)
+    V = torch.randn(r, d_out, generator=g, requires_grad=True)
+    b = torch.randn(d_out, generator=g, requires_grad=True) if bias else None
+    with lrkd_fast.set_backend("triton"):
+        y = lowrank_linear(x, U, V, b)
+    gy = torch.randn(m, d_out, generator=g)
+    y.backward(gy)
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in (x, U, V, b)]
+    y64 = lowrank_linear_reference(*ref)
+    y64.backward(gy.double())
+    if m:
+        assert_close_rel(y, y64, torch.float32, "y")
+        for t, r64 in zip((x, U, V, b), ref):
+            if t is not None:
+                assert_close_rel(t.grad, r64.grad, torch.float32, "grad")
+    else:
+        assert y.shape == (0, d_out) and not U.grad.any() and not V.grad.any()

@@ -9,15 +9,6 @@ import pytest
 from benchmarks import lrc_init_compare as lic
 
 
-def _minilm_or_skip():
-    from lrkd_fast.data import packaged_minilm_path
-
-    try:
-        packaged_minilm_path()
-    except FileNotFoundError:
-        pytest.skip("packaged MiniLM not installed")
-
-
 def test_config_eval_points():
     assert lic.CompareConfig(steps=100).eval_at == (0, 50, 100)
     assert lic.CompareConfig(steps=10, eval_at=(3,)).eval_at == (0, 3, 10)
@@ -28,7 +19,6 @@ def test_config_eval_points():
 
 
 def test_quick_compare_writes_csv_and_both_inits_learn():
-    _minilm_or_skip()
     import torch
 
     import lrkd_fast

@@ -160,7 +160,7 @@ class LowRankClone(nn.Module):
                  init_std: float = 0.02, share_qkv: bool = False, share_gate_up: bool = False,
                  alpha: float = 0.2, temperature: float = 40.0, kd_weight: float = 1.0, lm_weight: float = 1.0,
                  clone_weights: Optional[dict] = None, gradient_checkpointing: bool = False,
-                 association: str = "auto", calibration=None, separate_parts: bool = True):
+                 association: str = "auto", calibration=None, separate_parts: bool = False):
         super().__init__()
         fam = family_for(teacher)
         if fam.base and hasattr(teacher, fam.base) and not fam.causal:

@@ -66,7 +66,9 @@ class LRCRecipe:
     teacher: Optional[str] = None  # path; None = the packaged all-MiniLM-L6-v2
     data: Optional[str] = None  # text or jsonl file; None = CPython's pydoc topics
     student_hidden: int = 256
-    init: str = "random"  # "random" (paper) | "pca" (data-informed)
+    # "pca" (data-informed; beat the paper's "random" by +0.155 held-out cosine on MiniLM after 120
+    # steps, benchmarks/results/lrc_init) | "random" (the paper's N(0, 0.02))
+    init: str = "pca"
     share_qkv: bool = False
     share_gate_up: bool = False
     alpha: float = 0.2
@@ -126,5 +128,5 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
         clone.close()
     fid1 = readout_fidelity(sentence_embeddings(student, fit_b), t_fit, sentence_embeddings(student, held_b), t_held)
     result.rows.append((f"LRC trained ({len(result.history['step'])} steps)", fid1, s_params, time.time() - t1))
-    result.rows.append(("total wall time", fid1, s_params, time.time() - t_start))
+    result.rows.append(("saved student, total wall time", fid1, s_params, time.time() - t_start))
     return result

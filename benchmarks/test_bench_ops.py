@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only`` (canonical shapes on a GPU,
+"""pytest-benchmark suite over every runner case: ``pytest benchmarks/test_bench_ops.py`` (canonical shapes on a GPU,
 small ones on CPU). Every provider's result is checked against eager before it is timed."""
 import pytest
 import torch
@@ -6,12 +6,12 @@ import torch
 from lrkd_fast.benchmarks.runner import collect_cases, max_rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = [(c, p) for c in collect_cases(DEVICE, small=DEVICE == "cpu", ops=["lowrank_linear"])
+CASES = [(c, p) for c in collect_cases(DEVICE, small=DEVICE == "cpu")
          for p in c.providers if p not in c.notes]
 
 
-@pytest.mark.parametrize("case,provider", CASES, ids=[f"{c.shape}-{c.mode}-{p}" for c, p in CASES])
-def test_lowrank_linear(benchmark, case, provider):
+@pytest.mark.parametrize("case,provider", CASES, ids=[f"{c.op}-{c.shape}-{c.mode}-{p}" for c, p in CASES])
+def test_op(benchmark, case, provider):
     benchmark.group = f"{case.op} {case.shape} {case.mode}"
     run, result = case.providers[provider]()
     if provider != "eager" and "(context)" not in provider:
