@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, dot_in_fp32, interpreted
+from .utils import autotune_configs, dot_in_fp32, grouped_tile, interpreted
 
 # Rows of the per-pair table built on the host for grouped_mse (constexpr: read inside the kernel).
 _S_ADDR, _T_ADDR, _G_ADDR, _NUMEL, _WIDTH, _FIRST_BLOCK, _STORE_G = (tl.constexpr(i) for i in range(7))
@@ -184,14 +184,8 @@ def _projected_mse_kernel(t_ptr, p_ptr, s_ptr, g_ptr, mask_ptr, scale_ptr, parti
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
     # grouped ordering: consecutive programs share rows of the teacher in L2
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, block_at_least_16, device_sms, dot_in_fp32
+from .utils import autotune_configs, block_at_least_16, device_sms, dot_in_fp32, grouped_tile
 
 # Largest padded middle dimension handled by the single-kernel chain. Beyond it the (rows x R)
 # intermediate no longer fits on chip and chain_matmul runs two tiled products instead.
@@ -103,16 +103,8 @@ def _matmul_kernel(a_ptr, b_ptr, out_ptr, M, N, K, K_BUCKET,
                    s_am, s_ak, s_bk, s_bn, s_os, s_om, s_on,
                    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # grouped ordering: consecutive programs share rows of A in L2
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

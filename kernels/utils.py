@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreted() -> bool:
@@ -42,3 +43,15 @@ def device_sms(t: torch.Tensor) -> int:
 def autotune_configs(configs):
     """The autotuner needs a GPU to benchmark: under the interpreter keep only the first config."""
     return configs[:1] if interpreted() else configs
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of program ``pid`` in grouped order: GROUP_M consecutive row blocks
+    sweep the columns together, so programs running at the same time share rows of A in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
