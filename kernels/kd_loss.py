@@ -30,6 +30,14 @@ from .utils import interpreted
 
 
 @triton.jit
+def _log_probs(s_row, t_row, cols, mask, m_s, m_t, inv_T, log_z_sT, log_z_tT):
+    """fp32 student logits of a vocabulary block and both log-softmaxes at temperature T."""
+    s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return s, (s - m_s) * inv_T - log_z_sT, (t - m_t) * inv_T - log_z_tT
+
+
+@triton.jit
 def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
                          V, s_stride, t_stride, inv_T, kl_weight, ce_weight, ignore_index,
                          HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, KL_ON_IGNORED: tl.constexpr,
@@ -90,10 +98,7 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-        log_q = (s - m_s) * inv_T - log_z_sT
-        log_p = (t - m_t) * inv_T - log_z_tT
+        s, log_q, log_p = _log_probs(s_row, t_row, cols, mask, m_s, m_t, inv_T, log_z_sT, log_z_tT)
         q = tl.exp(log_q)
         p = tl.exp(log_p)
         if REVERSE:
@@ -113,10 +118,7 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + offs
                 mask = cols < V
-                s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-                t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-                log_q = (s - m_s) * inv_T - log_z_sT
-                log_p = (t - m_t) * inv_T - log_z_tT
+                s, log_q, log_p = _log_probs(s_row, t_row, cols, mask, m_s, m_t, inv_T, log_z_sT, log_z_tT)
                 q = tl.exp(log_q)
                 g = (kl_coef * inv_T) * q * (log_q - log_p - kl)
                 if HAS_CE:
