@@ -266,14 +266,14 @@ def _as_batches(batches):
 
 
 class _GramSum:
-    """Running sums of x^T y in float64 (each batch's product taken in float32: fast and plenty exact)."""
+    """Running sums of x^T x in float64 (each batch's product taken in float32: fast and plenty exact)."""
 
     def __init__(self):
         self.sums, self.counts = {}, {}
 
-    def add(self, key, x, y=None):
+    def add(self, key, x):
         xf = x.float()
-        g = (xf.t() @ (xf if y is None else y.float())).double()
+        g = (xf.t() @ xf).double()
         self.sums[key] = g if key not in self.sums else self.sums[key] + g
         self.counts[key] = self.counts.get(key, 0) + x.shape[0]
 

@@ -53,7 +53,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..ops import clone_loss, kd_loss
-from .families import Family, family_for
+from .families import family_for
+from ..distillation import _first_tensor
 
 __all__ = ["LowRankClone", "CloneOutput", "INITS", "LRC_BERT_SOURCE", "lrc_bert_class"]
 
@@ -107,14 +108,6 @@ def lrc_bert_class():
 class _Stop(Exception):
     def __init__(self, args, kwargs):
         self.args_, self.kwargs_ = args, kwargs
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out[0] if hasattr(out, "__getitem__") else out
 
 
 def _block_inputs(base: nn.Module, first_block: nn.Module, call):
