@@ -48,7 +48,8 @@ def _add_distill(sub):
     p.add_argument("--init", choices=["whitened", "svd", "random", "pca"], default=None,
                    help="swap: whitened (default) | svd | random; lrc: pca (default, data-informed) | random "
                         "(the paper's)")
-    p.add_argument("--steps", type=int, default=2000, help="most optimizer steps (default 2000)")
+    p.add_argument("--steps", type=int, default=10000,
+                   help="most optimizer steps (default 10000: the --minutes budget ends the run first)")
     p.add_argument("--minutes", type=float, default=4.0,
                    help="time budget for distillation; the LR schedule ends with it (default 4; 0 = steps only)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -63,6 +64,8 @@ def _add_distill(sub):
     p.add_argument("--resume", default=None, help="checkpoint to continue from (OUTPUT/checkpoints/*.pt)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
+                   help="run the teacher on every step instead of reusing its targets for texts seen before")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     lrc = p.add_argument_group("Low-Rank Clone (--method lrc)")
     lrc.add_argument("--student-hidden", type=int, default=256, help="student hidden size d_S (default 256)")
@@ -114,7 +117,7 @@ def _run_distill(args) -> int:
                         **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                         steps=args.steps, minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size,
                         seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
-                        seed=args.seed,
+                        seed=args.seed, teacher_cache=args.teacher_cache,
                         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_swap_recipe(recipe)
     if result.rank != 0:

@@ -31,9 +31,10 @@ from .evaluate import mean_pool
 from .layers import LowRankLinear
 from .swap import find_blocks
 
-__all__ = ["DistillConfig", "Distiller", "TrainingLoop", "distill", "find_blocks"]
+__all__ = ["DistillConfig", "Distiller", "TrainingLoop", "TeacherCache", "distill", "find_blocks"]
 
 OUTPUT_LOSSES = ("auto", "kd", "cosine", "mse", "none")
+_LAST = "\0last_hidden_state"  # key of the teacher's last hidden state among its targets
 
 
 @dataclass
@@ -57,6 +58,10 @@ class DistillConfig:
     train_bias: bool = False
     dropout: bool = False  # keep the student's dropout on while training (off: it copies an eval-mode teacher)
     autocast: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "off"
+    # keep the teacher's targets per text (token sequence) and reuse them when the text comes back in a
+    # later epoch: skips the teacher's forward, about a quarter of a step (see TeacherCache)
+    teacher_cache: bool = False
+    teacher_cache_gb: float = 2.0  # memory cap; texts beyond it are recomputed each time
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
     checkpoint_dir: Optional[str] = None
@@ -78,6 +83,8 @@ class DistillConfig:
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.teacher_cache_gb > 0:
+            raise ValueError(f"teacher_cache_gb must be > 0, got {self.teacher_cache_gb}")
 
 
 def _first_tensor(out):
@@ -116,6 +123,82 @@ class _Catcher:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+class TeacherCache:
+    """The frozen teacher's targets for each text seen, to reuse when the same text comes back.
+
+    Keyed per batch row by its unpadded token ids (and token type ids) and where they start, so a
+    text gives a hit whatever batch or padding length it comes in. Each entry holds that row's
+    unpadded target activations; a batch is served from the cache only when every row hits, else
+    the teacher runs and the rows are stored (until ``max_bytes`` are held). Targets computed inside
+    different batches can differ from a fresh forward by float rounding only.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.rows: dict = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _layout(batch: dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        return ids, valid
+
+    def _keys(self, batch: dict) -> list:
+        ids, valid = self._layout(batch)
+        ids, valid = ids.cpu(), valid.cpu()
+        tt = batch.get("token_type_ids")
+        tt = None if tt is None else tt.cpu()
+        keys = []
+        for b in range(ids.shape[0]):
+            pos = valid[b].nonzero().flatten()
+            start = int(pos[0]) if pos.numel() else 0
+            key = (start, ids[b][valid[b]].numpy().tobytes())
+            if tt is not None:
+                key += (tt[b][valid[b]].numpy().tobytes(),)
+            keys.append(key)
+        return keys
+
+    def get(self, batch: dict) -> Optional[dict]:
+        """The targets of every row (padded like ``batch``), or None if any row is missing."""
+        keys = self._keys(batch)
+        entries = [self.rows.get(k) for k in keys]
+        if any(e is None for e in entries):
+            self.misses += 1
+            return None
+        self.hits += 1
+        ids, valid = self._layout(batch)
+        out, built = {}, {}
+        for name, first in entries[0].items():
+            if id(first) not in built:  # names sharing one stored tensor share the padded one too
+                full = first.new_zeros((*ids.shape, *first.shape[1:]))
+                for b, e in enumerate(entries):
+                    full[b][valid[b]] = e[name]
+                built[id(first)] = full
+            out[name] = built[id(first)]
+        return out
+
+    def put(self, batch: dict, targets: dict) -> None:
+        if self.nbytes >= self.max_bytes:
+            return
+        _, valid = self._layout(batch)
+        for b, key in enumerate(self._keys(batch)):
+            if key in self.rows:
+                continue
+            entry, by_storage = {}, {}
+            for n, t in targets.items():  # one copy for names that share a tensor (last block = output)
+                sid = (t.data_ptr(), t.shape, t.stride())
+                if sid not in by_storage:
+                    by_storage[sid] = t[b][valid[b]].clone()
+                    self.nbytes += by_storage[sid].numel() * by_storage[sid].element_size()
+                entry[n] = by_storage[sid]
+            self.rows[key] = entry
+            if self.nbytes >= self.max_bytes:
+                return
 
 
 def _is_causal_lm(model) -> bool:
@@ -321,6 +404,7 @@ class Distiller(TrainingLoop):
         self.output_loss = out
         if not self.clone_names and out == "none":
             raise ValueError("nothing to train on: clone_modules is empty and output_loss='none'")
+        self.cache = TeacherCache(self.cfg.teacher_cache_gb * 2**30) if self.cfg.teacher_cache else None
 
     def _select_trainable(self) -> list[nn.Parameter]:
         for p in self.student.parameters():
@@ -356,9 +440,7 @@ class Distiller(TrainingLoop):
         mask = batch.get("attention_mask")
         device = batch["input_ids"].device
         want_hidden = self.output_loss != "none"
-        with torch.no_grad(), self._autocast(device):
-            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
-        t_acts = self._t_catch.pop()
+        t_acts = self._teacher_targets(batch, want_hidden)
         with self._autocast(device):
             s_out = self.student(**batch, output_hidden_states=want_hidden)
         s_acts = self._s_catch.pop()
@@ -378,15 +460,30 @@ class Distiller(TrainingLoop):
             parts["clone"] = closs.item()
             loss = loss + self.cfg.clone_weight * closs
         if self.output_loss != "none":
-            oloss = self._output_loss(s_out, t_out, batch)
+            oloss = self._output_loss(s_out.hidden_states[-1], t_acts[_LAST], batch)
             parts[self.output_loss] = oloss.item()
             loss = loss + self.cfg.output_weight * oloss
         parts["loss"] = loss.item()
         return loss, parts
 
-    def _output_loss(self, s_out, t_out, batch):
+    def _teacher_targets(self, batch: dict, want_hidden: bool) -> dict:
+        """The teacher's activations at the clone modules (and its last hidden state under ``_LAST``),
+        from the cache when every row of the batch is there."""
+        if self.cache is not None:
+            hit = self.cache.get(batch)
+            if hit is not None:
+                return hit
+        with torch.no_grad(), self._autocast(batch["input_ids"].device):
+            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
+        acts = self._t_catch.pop()
+        if want_hidden:
+            acts[_LAST] = t_out.hidden_states[-1]
+        if self.cache is not None:
+            self.cache.put(batch, acts)
+        return acts
+
+    def _output_loss(self, hs, ht, batch):
         mask = batch.get("attention_mask")
-        hs, ht = s_out.hidden_states[-1], t_out.hidden_states[-1]
         if self.output_loss == "kd":
             from .ops.kd_loss import kd_loss
 
