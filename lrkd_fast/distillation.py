@@ -59,7 +59,8 @@ class DistillConfig:
     dropout: bool = False  # keep the student's dropout on while training (off: it copies an eval-mode teacher)
     autocast: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "off"
     # keep the teacher's targets per text (token sequence) and reuse them when the text comes back in a
-    # later epoch: skips the teacher's forward, about a quarter of a step (see TeacherCache)
+    # later epoch: skips the teacher's forward, about a quarter of a step (see TeacherCache). Not saved
+    # in checkpoints: a resumed run refills it, so its losses match up to float rounding, not bit for bit
     teacher_cache: bool = False
     teacher_cache_gb: float = 2.0  # memory cap; texts beyond it are recomputed each time
     log_every: int = 10
