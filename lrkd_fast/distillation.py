@@ -133,8 +133,11 @@ class TeacherCache:
     text gives a hit whatever batch or padding length it comes in. Each entry holds that row's
     unpadded target activations; a batch is served from the cache only when every row hits, else
     the teacher runs and the rows are stored (until ``max_bytes`` are held). Targets computed inside
-    different batches can differ from a fresh forward by float rounding only.
+    different batches can differ from a fresh forward by float rounding only. Batches carrying any
+    other model input (``position_ids``, ...) are never cached: the key would not describe them.
     """
+
+    KEYED_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
@@ -249,16 +252,20 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ training
     def _lr_factor(self, step: int) -> float:
-        total, warm = self.cfg.steps, int(self.cfg.warmup * self.cfg.steps)
-        if step < warm:
-            return (step + 1) / warm
+        """Warm-up over the first ``warmup`` of the run, then the decay. With a time budget the run's
+        progress is whichever is further along, steps or minutes, so a large step bound (the usual
+        setting with ``max_minutes``) stretches neither the warm-up nor the decay."""
+        total, w = self.cfg.steps, self.cfg.warmup
+        warm_p, decay_p = (step + 1) / total, step / total
+        if self.cfg.max_minutes is not None and self._elapsed is not None:
+            t = self._elapsed() / (60.0 * self.cfg.max_minutes)
+            warm_p, decay_p = max(warm_p, t), max(decay_p, t)
+        if warm_p < w:
+            return warm_p / w
         if self.cfg.schedule == "constant":
             return 1.0
-        frac = (step - warm) / max(1, total - warm)
-        if self.cfg.max_minutes is not None and self._elapsed is not None:
-            # with a time budget, decay by whichever runs out first: steps or minutes
-            frac = max(frac, self._elapsed() / (60.0 * self.cfg.max_minutes))
-        return max(0.0, 1 - frac) if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        frac = min(1.0, max(0.0, (decay_p - w) / (1 - w)))
+        return 1 - frac if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
     def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
         """Train for ``config.steps`` steps (or until ``max_minutes``).
@@ -407,6 +414,13 @@ class Distiller(TrainingLoop):
             raise ValueError("nothing to train on: clone_modules is empty and output_loss='none'")
         self.cache = TeacherCache(self.cfg.teacher_cache_gb * 2**30) if self.cfg.teacher_cache else None
 
+    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
+        history = super().train(data, resume_from=resume_from, on_step=on_step)
+        if self.cache is not None:  # how much of the teacher's work the cache saved
+            history["teacher_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
+                                        "texts": len(self.cache.rows), "gib": self.cache.nbytes / 2**30}
+        return history
+
     def _select_trainable(self) -> list[nn.Parameter]:
         for p in self.student.parameters():
             p.requires_grad_(False)
@@ -470,8 +484,9 @@ class Distiller(TrainingLoop):
     def _teacher_targets(self, batch: dict, want_hidden: bool) -> dict:
         """The teacher's activations at the clone modules (and its last hidden state under ``_LAST``),
         from the cache when every row of the batch is there."""
-        if self.cache is not None:
-            hit = self.cache.get(batch)
+        cache = self.cache if self.cache is not None and set(batch) <= TeacherCache.KEYED_INPUTS else None
+        if cache is not None:
+            hit = cache.get(batch)
             if hit is not None:
                 return hit
         with torch.no_grad(), self._autocast(batch["input_ids"].device):
@@ -479,8 +494,8 @@ class Distiller(TrainingLoop):
         acts = self._t_catch.pop()
         if want_hidden:
             acts[_LAST] = t_out.hidden_states[-1]
-        if self.cache is not None:
-            self.cache.put(batch, acts)
+        if cache is not None:
+            cache.put(batch, acts)
         return acts
 
     def _output_loss(self, hs, ht, batch):

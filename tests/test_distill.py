@@ -1,5 +1,6 @@
 """Distilling swapped models: tiny models from configs, and the real all-MiniLM-L6-v2 on real text."""
 import copy
+import math
 
 import pytest
 import torch
@@ -215,3 +216,23 @@ def test_text_batches_shard_a_global_batch_across_ranks():
         assert parts[0] | parts[1] == decode(full.batch(step))
     with pytest.raises(ValueError, match="rank must be in"):
         TextBatches(texts, tok, 4, rank=2, world_size=2)
+
+
+def test_time_budget_schedule_follows_the_clock_not_the_step_bound():
+    from lrkd_fast.distillation import TrainingLoop
+
+    loop = TrainingLoop()
+    loop.cfg = DistillConfig(steps=10_000, warmup=0.05, max_minutes=10.0)
+    clock = {"s": 0.0}
+    loop._elapsed = lambda: clock["s"]
+    at = lambda seconds, step: (clock.update(s=seconds), loop._lr_factor(step))[1]
+    # warm-up ends after 5% of the 600 s budget, not after 5% of the 10k step bound
+    assert at(15.0, 40) == pytest.approx(0.5)
+    assert at(30.0, 80) == pytest.approx(1.0)
+    # cosine decay over the remaining 95% of the budget; a step-bound-only loop would still be warming up
+    assert at(30.0 + 0.5 * 570.0, 900) == pytest.approx(0.5)
+    assert at(600.0, 1800) == pytest.approx(0.0, abs=1e-12)
+    # without a budget the steps drive it: warm-up over the first 5% of them
+    loop.cfg = DistillConfig(steps=100, warmup=0.05)
+    assert [loop._lr_factor(s) for s in (0, 4)] == pytest.approx([0.2, 1.0])
+    assert loop._lr_factor(5 + 95 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))

@@ -105,8 +105,24 @@ def test_training_with_cache_matches_training_without(eager_backend):
     runs = {}
     for cache in (False, True):
         s = copy.deepcopy(student)
-        runs[cache] = distill(s, teacher, data, steps=6, lr=2e-3, progress=False, teacher_cache=cache)["loss"]
-    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+        runs[cache] = distill(s, teacher, data, steps=6, lr=2e-3, progress=False, teacher_cache=cache)
+    assert runs[True]["loss"] == pytest.approx(runs[False]["loss"], rel=1e-5)
+    assert runs[True]["teacher_cache"] == {"hits": 4, "misses": 2, "texts": 4,
+                                           "gib": pytest.approx(runs[True]["teacher_cache"]["gib"])}
+    assert "teacher_cache" not in runs[False]
+
+
+def test_batches_with_other_inputs_bypass_the_cache(eager_backend):
+    student, teacher = _pair("llama")
+    d = Distiller(student, teacher, DistillConfig(progress=False, teacher_cache=True))
+    fresh = Distiller(student, teacher, DistillConfig(progress=False))
+    batch = _batch(_texts(2))
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]) + 3
+    for _ in range(2):
+        torch.testing.assert_close(d.compute_loss(batch)[0], fresh.compute_loss(batch)[0], rtol=1e-5, atol=1e-6)
+    assert len(d.cache.rows) == 0 and d.cache.hits == d.cache.misses == 0
+    d.close()
+    fresh.close()
 
 
 def test_cache_config_validation():
