@@ -43,7 +43,7 @@ class DistillConfig:
     max_minutes: Optional[float] = None  # stop early (with a final save) once this much time passed
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup: float = 0.05  # fraction of steps
+    warmup: float = 0.05  # fraction of the run: of the steps, or of max_minutes when that ends it first
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warm-up)
     max_grad_norm: float = 1.0
     # "auto" = transformer block outputs; "lowrank" = every swapped layer's output; a list of names; None = off
@@ -140,6 +140,8 @@ class TeacherCache:
     KEYED_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
     def __init__(self, max_bytes: int):
+        if not max_bytes > 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self.rows: dict = {}
         self.nbytes = 0

@@ -61,7 +61,7 @@ class SwapRecipe:
     train_norms: bool = True  # LayerNorm / RMSNorm weights and biases of the student train too
     train_bias: bool = True
     seq_len: int = 128
-    teacher_cache: bool = True  # reuse the teacher's targets for texts seen before (~1.4x the steps on CPU)
+    teacher_cache: bool = True  # reuse the teacher's targets for texts seen before (~1.3x the steps on CPU)
     output: str = "runs/lowrank-student"
     device: Optional[str] = None
     seed: int = 0

@@ -128,4 +128,6 @@ def test_batches_with_other_inputs_bypass_the_cache(eager_backend):
 def test_cache_config_validation():
     with pytest.raises(ValueError, match="teacher_cache_gb"):
         DistillConfig(teacher_cache=True, teacher_cache_gb=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        TeacherCache(0)
     assert TeacherCache(10).get(_batch(_texts(1))) is None
