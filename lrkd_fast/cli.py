@@ -52,7 +52,10 @@ def _add_distill(sub):
                    help="most optimizer steps (default 10000: the --minutes budget ends the run first)")
     p.add_argument("--minutes", type=float, default=4.0,
                    help="time budget for distillation; the LR schedule ends with it (default 4; 0 = steps only)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-4 swap, 1e-3 lrc)")
+    p.add_argument("--clone", choices=["inner", "auto", "lowrank"], default=None,
+                   help="swap: activations to clone: inner = every block's output but the last, which the "
+                        "embedding loss covers (default); auto = every block's; lowrank = every swapped layer's")
     p.add_argument("--batch-size", type=int, default=16, help="texts per step and process (default 16)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--heldout", type=int, default=512, help="texts held out for the fidelity table")
@@ -80,6 +83,8 @@ def _add_distill(sub):
 
 
 def _run_lrc(args) -> int:
+    if args.clone is not None:
+        raise ValueError("--clone is for --method swap; Low-Rank Clone has its own clone targets")
     from .clone.recipe import LRCRecipe, run_lrc_recipe
 
     init = args.init or "pca"
@@ -90,7 +95,8 @@ def _run_lrc(args) -> int:
                        temperature=args.temperature, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
                        gradient_checkpointing=args.gradient_checkpointing, heldout=args.heldout, steps=args.steps,
                        **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
-                       minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                       **({"lr": args.lr} if args.lr is not None else {}),
+                       minutes=args.minutes or None, batch_size=args.batch_size, seq_len=args.seq_len,
                        output=args.output or "runs/lrc-student", device=args.device, seed=args.seed,
                        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_lrc_recipe(recipe)
@@ -115,9 +121,10 @@ def _run_distill(args) -> int:
     recipe = SwapRecipe(teacher=args.teacher, data=args.data, keep=args.keep, rank=args.rank,
                         target_modules=args.target_modules, init=init, heldout=args.heldout,
                         **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
-                        steps=args.steps, minutes=args.minutes or None, lr=args.lr, batch_size=args.batch_size,
+                        **({"lr": args.lr} if args.lr is not None else {}),
+                        steps=args.steps, minutes=args.minutes or None, batch_size=args.batch_size,
                         seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
-                        seed=args.seed, teacher_cache=args.teacher_cache,
+                        seed=args.seed, teacher_cache=args.teacher_cache, clone_modules=args.clone or "inner",
                         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_swap_recipe(recipe)
     if result.rank != 0:

@@ -34,6 +34,7 @@ from .swap import find_blocks
 __all__ = ["DistillConfig", "Distiller", "TrainingLoop", "TeacherCache", "distill", "find_blocks"]
 
 OUTPUT_LOSSES = ("auto", "kd", "cosine", "mse", "none")
+CLONE_CHOICES = ("auto", "inner", "lowrank")
 _LAST = "\0last_hidden_state"  # key of the teacher's last hidden state among its targets
 
 
@@ -46,7 +47,9 @@ class DistillConfig:
     warmup: float = 0.05  # fraction of the run: of the steps, or of max_minutes when that ends it first
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warm-up)
     max_grad_norm: float = 1.0
-    # "auto" = transformer block outputs; "lowrank" = every swapped layer's output; a list of names; None = off
+    # "auto" = every transformer block's output; "inner" = every block's but the last, whose job the output
+    # loss does (on MiniLM this generalizes better: see SwapRecipe); "lowrank" = every swapped layer's
+    # output; a list of module names; None = off
     clone_modules: Union[str, list, None] = "auto"
     clone_weight: float = 1.0
     clone_normalize: bool = True  # divide each term by the teacher activation's mean square
@@ -82,6 +85,9 @@ class DistillConfig:
             raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        if isinstance(self.clone_modules, str) and self.clone_modules not in CLONE_CHOICES:
+            raise ValueError(f"clone_modules must be one of {CLONE_CHOICES}, a list of module names or None, "
+                             f"got {self.clone_modules!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.teacher_cache_gb > 0:
@@ -399,10 +405,11 @@ class Distiller(TrainingLoop):
         self.params = self._select_trainable()
         self._elapsed = None
         names = self.cfg.clone_modules
-        if names == "auto":
-            names = find_blocks(student)
-            if not names:
-                raise ValueError("could not find transformer blocks for clone_modules='auto'; pass module names")
+        if names in ("auto", "inner"):
+            blocks = find_blocks(student)
+            if not blocks:
+                raise ValueError(f"could not find transformer blocks for clone_modules={names!r}; pass module names")
+            names = blocks[:-1] if names == "inner" else blocks
         elif names == "lowrank":
             names = [n for n, m in student.named_modules() if isinstance(m, LowRankLinear)]
         self.clone_names = list(names or [])
@@ -414,6 +421,8 @@ class Distiller(TrainingLoop):
         self.output_loss = out
         if not self.clone_names and out == "none":
             raise ValueError("nothing to train on: clone_modules is empty and output_loss='none'")
+        if self.cfg.clone_modules == "inner" and out == "none":
+            raise ValueError("clone_modules='inner' leaves the last block to the output loss, but output_loss='none'")
         self.cache = TeacherCache(self.cfg.teacher_cache_gb * 2**30) if self.cfg.teacher_cache else None
 
     def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:

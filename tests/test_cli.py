@@ -42,3 +42,5 @@ def test_distill_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["distill", "--init", "pca", "--output", str(tmp_path / "o")]) == 2
     assert "--init pca is for --method lrc" in capsys.readouterr().err
+    assert main(["distill", "--method", "lrc", "--clone", "auto", "--output", str(tmp_path / "o")]) == 2
+    assert "--clone is for --method swap" in capsys.readouterr().err

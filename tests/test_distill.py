@@ -134,6 +134,34 @@ def test_bad_inputs(tmp_path):
     assert find_blocks(teacher) == ["encoder.layer.0", "encoder.layer.1"]
 
 
+def test_inner_clone_modules_leave_the_last_block_to_the_output_loss():
+    teacher = tiny("bert").eval()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    batch = _batches(1)[0]
+    d_inner = Distiller(student, teacher, DistillConfig(clone_modules="inner", progress=False))
+    assert d_inner.clone_names == ["encoder.layer.0"]
+    with lrkd_fast.set_backend("eager"):
+        loss, parts = d_inner.compute_loss(batch)
+        loss.backward()
+    d_inner.close()
+    # the same loss as naming the blocks by hand, and the last block still learns through the output loss
+    d_named = Distiller(student, teacher, DistillConfig(clone_modules=["encoder.layer.0"], progress=False))
+    with lrkd_fast.set_backend("eager"):
+        loss_named, _ = d_named.compute_loss(batch)
+    d_named.close()
+    torch.testing.assert_close(loss, loss_named)
+    last_u = student.get_submodule("encoder.layer.1.output.dense").U
+    assert last_u.grad is not None and last_u.grad.abs().sum() > 0
+    d_all = Distiller(student, teacher, DistillConfig(clone_modules="auto", progress=False))
+    assert d_all.clone_names == ["encoder.layer.0", "encoder.layer.1"]
+    d_all.close()
+    with pytest.raises(ValueError, match="leaves the last block to the output loss"):
+        Distiller(student, teacher, DistillConfig(clone_modules="inner", output_loss="none"))
+    with pytest.raises(ValueError, match="clone_modules must be one of"):
+        DistillConfig(clone_modules="blocks")
+
+
 def test_text_batches_are_reproducible_and_bucketed():
     tok = T.AutoTokenizer.from_pretrained(packaged_minilm_path())
     texts = pydoc_sentences()[:200]
