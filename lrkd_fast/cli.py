@@ -122,9 +122,10 @@ def _run_distill(args) -> int:
                         target_modules=args.target_modules, init=init, heldout=args.heldout,
                         **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                         **({"lr": args.lr} if args.lr is not None else {}),
+                        **({"clone_modules": args.clone} if args.clone is not None else {}),
                         steps=args.steps, minutes=args.minutes or None, batch_size=args.batch_size,
                         seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
-                        seed=args.seed, teacher_cache=args.teacher_cache, clone_modules=args.clone or "inner",
+                        seed=args.seed, teacher_cache=args.teacher_cache,
                         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_swap_recipe(recipe)
     if result.rank != 0:
