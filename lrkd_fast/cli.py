@@ -48,10 +48,15 @@ def _add_distill(sub):
     p.add_argument("--init", choices=["whitened", "svd", "random", "pca"], default=None,
                    help="swap: whitened (default) | svd | random; lrc: pca (default, data-informed) | random "
                         "(the paper's)")
+    p.add_argument("--allocation", choices=["sensitivity", "uniform"], default=None,
+                   help="swap: how the --keep budget is spread over the layers: sensitivity = by how much each "
+                        "layer's truncation moves the output (default with the whitened init and --keep); "
+                        "uniform = every layer keeps the same fraction (default with --rank or another init)")
     p.add_argument("--steps", type=int, default=10000,
                    help="most optimizer steps (default 10000: the --minutes budget ends the run first)")
-    p.add_argument("--minutes", type=float, default=4.0,
-                   help="time budget for distillation; the LR schedule ends with it (default 4; 0 = steps only)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget for distillation; the LR schedule ends with it (default 3.5, so the whole "
+                        "default run stays within 5 minutes on 2 CPU cores; 0 = steps only)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-4 swap, 1e-3 lrc)")
     p.add_argument("--clone", choices=["inner", "auto", "lowrank"], default=None,
                    help="swap: activations to clone: inner = every block's output but the last, which the "
@@ -85,6 +90,8 @@ def _add_distill(sub):
 def _run_lrc(args) -> int:
     if args.clone is not None:
         raise ValueError("--clone is for --method swap; Low-Rank Clone has its own clone targets")
+    if args.allocation is not None:
+        raise ValueError("--allocation is for --method swap; Low-Rank Clone's student has one width")
     from .clone.recipe import LRCRecipe, run_lrc_recipe
 
     init = args.init or "pca"
@@ -96,7 +103,8 @@ def _run_lrc(args) -> int:
                        gradient_checkpointing=args.gradient_checkpointing, heldout=args.heldout, steps=args.steps,
                        **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                        **({"lr": args.lr} if args.lr is not None else {}),
-                       minutes=args.minutes or None, batch_size=args.batch_size, seq_len=args.seq_len,
+                       **({"minutes": args.minutes or None} if args.minutes is not None else {}),
+                       batch_size=args.batch_size, seq_len=args.seq_len,
                        output=args.output or "runs/lrc-student", device=args.device, seed=args.seed,
                        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     result = run_lrc_recipe(recipe)
@@ -123,7 +131,8 @@ def _run_distill(args) -> int:
                         **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
                         **({"lr": args.lr} if args.lr is not None else {}),
                         **({"clone_modules": args.clone} if args.clone is not None else {}),
-                        steps=args.steps, minutes=args.minutes or None, batch_size=args.batch_size,
+                        **({"minutes": args.minutes or None} if args.minutes is not None else {}),
+                        allocation=args.allocation, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
                         seed=args.seed, teacher_cache=args.teacher_cache,
                         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)

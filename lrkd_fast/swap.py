@@ -19,10 +19,11 @@ from torch import nn
 from .layers import LowRankLinear, check_rank, svd_factors
 
 __all__ = ["LowRankConfig", "SwapReport", "LayerReport", "swap_linear_layers", "merge_linear_layers",
-           "find_target_layers", "save_lowrank", "load_lowrank", "whitened_factors", "LAYOUT_FILE"]
+           "find_target_layers", "sensitivity_ranks", "save_lowrank", "load_lowrank", "whitened_factors", "LAYOUT_FILE"]
 
 LAYOUT_FILE = "lowrank_layout.json"
 INITS = ("svd", "whitened", "random")
+ALLOCATIONS = ("uniform", "sensitivity")
 
 
 @dataclass
@@ -43,6 +44,13 @@ class LowRankConfig:
         to ``swap_linear_layers``) or "random".
     damping: for "whitened", added to the diagonal of each input covariance as a fraction of its
         mean diagonal, so rank-deficient inputs (padding, dead features) stay positive definite.
+    allocation: "uniform" (each layer gets the rank ``rank`` / ``rank_pattern`` give it) or
+        "sensitivity" (those ranks only set the total parameter budget, which is then spread over
+        the layers by how much each one's truncation moves the model's output; needs
+        ``init="whitened"``; see :mod:`lrkd_fast.allocation`). A layer's rank then stays between 1
+        and the break-even rank where its factors would hold as many parameters as the dense weight.
+    sensitivity_batches: how many of the calibration batches the sensitivity measurement runs
+        (one forward pass over them per swapped layer).
     """
 
     rank: Union[int, float, str] = 0.5
@@ -51,6 +59,8 @@ class LowRankConfig:
     rank_pattern: dict = field(default_factory=dict)
     init: str = "svd"
     damping: float = 1e-2
+    allocation: str = "uniform"
+    sensitivity_batches: int = 2
 
     def __post_init__(self):
         _check_rank_spec("rank", self.rank)
@@ -66,6 +76,14 @@ class LowRankConfig:
             raise TypeError(f"exclude_modules must be a regex string or a list of names, got {self.exclude_modules!r}")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "sensitivity" and self.init != "whitened":
+            raise ValueError(f"allocation='sensitivity' measures whitened spectra: it needs init='whitened', "
+                             f"got init={self.init!r}")
+        if isinstance(self.sensitivity_batches, bool) or not isinstance(self.sensitivity_batches, int) \
+                or self.sensitivity_batches < 1:
+            raise ValueError(f"sensitivity_batches must be an int >= 1, got {self.sensitivity_batches!r}")
 
 
 def _is_str_list(x) -> bool:
@@ -180,6 +198,7 @@ class LayerReport:
 class SwapReport:
     layers: list[LayerReport]
     init: str
+    allocation: str = "uniform"
 
     @property
     def params_before(self) -> int:
@@ -205,17 +224,8 @@ class SwapReport:
 
 # ------------------------------------------------------------------------------------ init
 
-def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware factors of a (d_out, d_in) weight.
-
-    With ``gram`` = E[x x^T] of the layer's inputs, minimizes E||x W^T - x U V||^2 over rank-``rank``
-    U V: with ``gram + damping*mean(diag) I = L L^T`` (Cholesky), take the rank-r SVD of
-    ``B = L^{-1} gram W^T`` (= (W L)^T up to the damping) ``= A S Bh``; then
-    ``U = L^{-T} A_r S_r^{1/2}``, ``V = S_r^{1/2} Bh_r``.
-
-    Computed in float64.
-    """
+def _whitened_svd(weight: torch.Tensor, gram: torch.Tensor, damping: float):
+    """(L, A, S, Bh): the Cholesky factor of the damped Gram matrix and the SVD of ``L^{-1} gram W^T``."""
     w = weight.detach().to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     d = g.shape[0]
@@ -223,6 +233,22 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, dampin
     L = torch.linalg.cholesky(g + eps * torch.eye(d, dtype=g.dtype, device=g.device))
     B = torch.linalg.solve_triangular(L, g @ w.t(), upper=False)
     A, S, Bh = torch.linalg.svd(B, full_matrices=False)
+    return L, A, S, Bh
+
+
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware factors of a (d_out, d_in) weight.
+
+    With ``gram`` = E[x x^T] of the layer's inputs, minimizes E||x W^T - x U V||^2 over rank-``rank``
+    U V: with ``gram + damping*mean(diag) I = L L^T`` (Cholesky), take the rank-r SVD of
+    ``B = L^{-1} gram W^T`` (= (W L)^T up to the damping) ``= A S Bh``; then
+    ``U = L^{-T} A_r S_r^{1/2}``, ``V = S_r^{1/2} Bh_r``. The expected output error at rank r is
+    ``sum_{i>r} S_i^2`` (up to the damping).
+
+    Computed in float64.
+    """
+    L, A, S, Bh = _whitened_svd(weight, gram, damping)
     root = S[:rank].sqrt()
     U = torch.linalg.solve_triangular(L.t(), A[:, :rank], upper=True) * root
     V = root[:, None] * Bh[:rank]
@@ -373,12 +399,88 @@ def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None,
             raise ValueError("init='whitened' needs calibration batches: swap_linear_layers(model, config, "
                              "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...])")
         stats = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
+    if config.allocation == "sensitivity":
+        ranks = sensitivity_ranks(model, layers, ranks, stats, config, calibration, forward, progress)
     reports = []
     for name, m in layers.items():
         new, report = _make_lowrank(name, m, ranks[name], config, stats[name])
         _set_module(model, name, new)
         reports.append(report)
-    return SwapReport(reports, config.init)
+    return SwapReport(reports, config.init, config.allocation)
+
+
+def _final_output(model: nn.Module, batch, forward=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the model's last hidden state, or its first output tensor; the batch's attention mask)."""
+    if forward is not None:
+        out, mask = forward(model, batch), None
+    else:
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        out, mask = model(**batch, output_hidden_states=True), batch.get("attention_mask")
+    hidden = getattr(out, "hidden_states", None)
+    if hidden:
+        return hidden[-1], mask
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"cannot find an output tensor in {type(out).__name__} to measure sensitivity on")
+    return out, mask
+
+
+@torch.no_grad()
+def sensitivity_ranks(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int],
+                      grams: dict[str, torch.Tensor], config: LowRankConfig, calibration,
+                      forward=None, progress: bool = True) -> dict[str, int]:
+    """Spread the parameters of ``ranks`` over ``layers`` by measured sensitivity
+    (:mod:`lrkd_fast.allocation`). Runs the model once per layer over the first
+    ``config.sensitivity_batches`` calibration batches, each time with only that layer cut to its
+    rank in ``ranks``; returns the new ranks (same total parameters or fewer)."""
+    from tqdm.auto import tqdm
+
+    from .allocation import allocate_ranks
+
+    batches = list(_as_batches(calibration))[:config.sensitivity_batches]
+    was_training = model.training
+    model.eval()
+    try:
+        refs = [_final_output(model, b, forward) for b in batches]
+
+        def model_error() -> float:
+            num = den = 0.0
+            for b, (ref, mask) in zip(batches, refs):
+                out, _ = _final_output(model, b, forward)
+                err, size = (out.float() - ref.float()).pow(2), ref.float().pow(2)
+                if mask is not None and mask.shape == err.shape[:-1]:
+                    err, size = err[mask.bool()], size[mask.bool()]
+                num, den = num + err.sum().item(), den + size.sum().item()
+            return num / max(den, 1e-30)
+
+        spectra, weights, costs, lo, hi = {}, {}, {}, {}, {}
+        for name, m in tqdm(layers.items(), desc="measuring sensitivity", disable=not progress):
+            w, _, _ = _dense_weight(m)
+            d_out, d_in = w.shape
+            S2 = _whitened_svd(w, grams[name], config.damping)[2].pow(2)
+            r0 = ranks[name]
+            tail = S2[r0:].sum().item()
+            new, _ = _make_lowrank(name, m, r0, config, grams[name])
+            _set_module(model, name, new)
+            try:
+                err = model_error()
+            finally:
+                _set_module(model, name, m)
+            costs[name] = d_in + d_out
+            spectra[name] = S2
+            if tail <= 1e-10 * S2.sum().item():  # exact at its rank already: nothing to trade, keep it
+                weights[name], lo[name], hi[name] = 0.0, r0, r0
+                continue
+            weights[name] = err / tail
+            lo[name], hi[name] = 1, max(r0, min(d_in, d_out, d_in * d_out // (d_in + d_out)))
+    finally:
+        model.train(was_training)
+    budget = sum(ranks[n] * costs[n] for n in layers)
+    return allocate_ranks(spectra, costs, budget, weights, lo, hi)
 
 
 def merge_linear_layers(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ def test_distill_swap_short_run_saves_a_reloadable_student(tmp_path, capsys):
                "--batch-size", "8", "--seq-len", "48", "--output", str(out), "--quiet", "--checkpoint-every", "2"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "low-rank start (whitened)" in text and "distilled (4 steps)" in text and "kept 49.9%" in text
+    assert "low-rank start (whitened, sensitivity ranks)" in text and "distilled (4 steps)" in text and "kept 49.9%" in text
     assert (out / "checkpoints" / "step-2.pt").exists() and (out / "checkpoints" / "last.pt").exists()
     student = load_lowrank(str(out))
     tok = T.AutoTokenizer.from_pretrained(str(out))
@@ -44,3 +44,7 @@ def test_distill_errors_are_clear(tmp_path, capsys):
     assert "--init pca is for --method lrc" in capsys.readouterr().err
     assert main(["distill", "--method", "lrc", "--clone", "auto", "--output", str(tmp_path / "o")]) == 2
     assert "--clone is for --method swap" in capsys.readouterr().err
+    assert main(["distill", "--method", "lrc", "--allocation", "uniform", "--output", str(tmp_path / "o")]) == 2
+    assert "--allocation is for --method swap" in capsys.readouterr().err
+    assert main(["distill", "--init", "svd", "--allocation", "sensitivity", "--output", str(tmp_path / "o")]) == 2
+    assert "needs init='whitened'" in capsys.readouterr().err

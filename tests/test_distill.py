@@ -210,9 +210,18 @@ def test_minilm_whitened_beats_svd_and_distillation_improves(minilm, eager_backe
     swap_linear_layers(white, LowRankConfig(init="whitened", **cfg), calibration=calib, progress=False)
     e_svd, e_white = _output_error(svd, teacher, held_b), _output_error(white, teacher, held_b)
     assert e_white < 0.5 * e_svd, (e_white, e_svd)
+    # the same budget spread by measured sensitivity: lower held-out error and closer embeddings
+    sens = copy.deepcopy(teacher)
+    rep = swap_linear_layers(sens, LowRankConfig(init="whitened", allocation="sensitivity", **cfg),
+                             calibration=calib, progress=False)
+    assert rep.params_after <= sum(l.params_after for l in swap_linear_layers(
+        copy.deepcopy(teacher), LowRankConfig(init="svd", **cfg)).layers)
+    e_sens = _output_error(sens, teacher, held_b)
+    assert e_sens < e_white, (e_sens, e_white)
 
     t_emb = sentence_embeddings(teacher, held_b)
     start = embedding_fidelity(sentence_embeddings(white, held_b), t_emb)
+    assert embedding_fidelity(sentence_embeddings(sens, held_b), t_emb).mean_cosine > start.mean_cosine
 
     def heldout_clone_loss():
         d = Distiller(white, teacher, DistillConfig(progress=False))

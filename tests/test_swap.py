@@ -1,5 +1,7 @@
 """Swapping low-rank layers into tiny Hugging Face models built from configs."""
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -181,3 +183,55 @@ def test_swapped_model_runs_triton_backend():
         out = _out(model, ids)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
+
+
+def _calib(n=4, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[: n // 2, seq - 3:] = 0
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def _rel_error(model, ref_model, batches):
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            t, s = ref_model(**b)[0], model(**b)[0]
+            m = b["attention_mask"].unsqueeze(-1)
+            num, den = num + ((s - t) ** 2 * m).sum().item(), den + (t ** 2 * m).sum().item()
+    return num / den
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_sensitivity_allocation_keeps_the_budget_and_lowers_the_error(family):
+    torch.manual_seed(0)
+    ref = tiny(family).eval()
+    calib = _calib()
+    uni, sens = copy.deepcopy(ref), copy.deepcopy(ref)
+    cfg = dict(rank=0.4, init="whitened", target_modules="all-linear")
+    r_uni = swap_linear_layers(uni, LowRankConfig(**cfg), calibration=calib, progress=False)
+    r_sens = swap_linear_layers(sens, LowRankConfig(allocation="sensitivity", **cfg), calibration=calib,
+                                progress=False)
+    assert r_sens.allocation == "sensitivity" and [l.name for l in r_sens.layers] == [l.name for l in r_uni.layers]
+    assert r_sens.params_after <= r_uni.params_after
+    assert len({l.rank for l in r_sens.layers}) > len({l.rank for l in r_uni.layers})  # ranks really moved
+    for l in r_sens.layers:  # between 1 and the break-even rank
+        assert 1 <= l.rank <= l.d_in * l.d_out // (l.d_in + l.d_out)
+        assert isinstance(sens.get_submodule(l.name), LowRankLinear) and sens.get_submodule(l.name).rank == l.rank
+    assert _rel_error(sens, ref, calib) < _rel_error(uni, ref, calib)
+
+
+def test_sensitivity_allocation_leaves_exact_layers_and_checks_its_config():
+    model = tiny("bert").eval()
+    rep = swap_linear_layers(model, LowRankConfig(rank="full", init="whitened", allocation="sensitivity"),
+                             calibration=_calib(), progress=False)
+    assert all(l.rank == min(l.d_in, l.d_out) for l in rep.layers)  # nothing to trade at full rank
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        LowRankConfig(allocation="greedy")
+    with pytest.raises(ValueError, match="init='whitened'"):
+        LowRankConfig(allocation="sensitivity", init="svd")
+    with pytest.raises(ValueError, match="sensitivity_batches"):
+        LowRankConfig(init="whitened", allocation="sensitivity", sensitivity_batches=0)
+    with pytest.raises(ValueError, match="calibration"):
+        swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened", allocation="sensitivity"))
