@@ -480,7 +480,13 @@ def sensitivity_ranks(model: nn.Module, layers: dict[str, nn.Module], ranks: dic
     finally:
         model.train(was_training)
     budget = sum(ranks[n] * costs[n] for n in layers)
-    return allocate_ranks(spectra, costs, budget, weights, lo, hi)
+    chosen = allocate_ranks(spectra, costs, budget, weights, lo, hi)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun every process measures; a rounding difference must not give them different shapes
+        box = [chosen]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    return chosen
 
 
 def merge_linear_layers(model: nn.Module) -> nn.Module:

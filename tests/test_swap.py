@@ -235,3 +235,24 @@ def test_sensitivity_allocation_leaves_exact_layers_and_checks_its_config():
         LowRankConfig(init="whitened", allocation="sensitivity", sensitivity_batches=0)
     with pytest.raises(ValueError, match="calibration"):
         swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened", allocation="sensitivity"))
+
+
+def test_sensitivity_ranks_agree_across_processes(tmp_path):
+    # real torch.distributed (2 gloo processes): ranks measured on different data are replaced by rank 0's
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "swap_ddp_worker.py")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), worker, str(tmp_path)],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    p0, p1 = json.loads((tmp_path / "ranks.json").read_text())
+    assert p0["alone"] != p1["alone"]  # the processes really measured different ranks on their own
+    assert p0["together"] == p1["together"] == p0["alone"]  # in the group, everyone uses rank 0's
