@@ -19,7 +19,7 @@ import torch
 from .data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
 from .distillation import DistillConfig, Distiller
 from .evaluate import EmbeddingFidelity, embedding_fidelity, sentence_embeddings
-from .swap import LowRankConfig, save_lowrank, swap_linear_layers
+from .swap import ALLOCATIONS, LowRankConfig, save_lowrank, swap_linear_layers
 
 __all__ = ["SwapRecipe", "RecipeResult", "run_swap_recipe", "load_teacher", "init_distributed"]
 
@@ -77,8 +77,8 @@ class SwapRecipe:
     progress: bool = True
 
     def __post_init__(self):
-        if self.allocation not in (None, "uniform", "sensitivity"):
-            raise ValueError(f"allocation must be None, 'uniform' or 'sensitivity', got {self.allocation!r}")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be None or one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.allocation == "sensitivity" and self.init != "whitened":
             raise ValueError(f"allocation='sensitivity' needs init='whitened', got init={self.init!r}")
 

@@ -19,7 +19,7 @@ from torch import nn
 from .layers import LowRankLinear, check_rank, svd_factors
 
 __all__ = ["LowRankConfig", "SwapReport", "LayerReport", "swap_linear_layers", "merge_linear_layers",
-           "find_target_layers", "sensitivity_ranks", "save_lowrank", "load_lowrank", "whitened_factors", "LAYOUT_FILE"]
+           "find_target_layers", "save_lowrank", "load_lowrank", "whitened_factors", "LAYOUT_FILE"]
 
 LAYOUT_FILE = "lowrank_layout.json"
 INITS = ("svd", "whitened", "random")
@@ -248,7 +248,12 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, dampin
 
     Computed in float64.
     """
-    L, A, S, Bh = _whitened_svd(weight, gram, damping)
+    return _factors_at(_whitened_svd(weight, gram, damping), rank)
+
+
+def _factors_at(decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U, V at ``rank`` from :func:`_whitened_svd`'s (L, A, S, Bh)."""
+    L, A, S, Bh = decomposition
     root = S[:rank].sqrt()
     U = torch.linalg.solve_triangular(L.t(), A[:, :rank], upper=True) * root
     V = root[:, None] * Bh[:rank]
@@ -354,13 +359,16 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _make_lowrank(name, m, r, config, stats) -> tuple[LowRankLinear, LayerReport]:
+def _make_lowrank(name, m, r, config, stats, factors=None) -> tuple[LowRankLinear, LayerReport]:
+    """The low-rank layer for dense ``m`` at rank ``r``; ``factors`` (U, V) skip the init's own computation."""
     w, b, kind = _dense_weight(m)
     d_out, d_in = w.shape
     new = LowRankLinear(d_in, d_out, r, bias=b is not None, dtype=w.dtype, device=w.device)
     new.dense_kind = kind
     with torch.no_grad():
-        if config.init == "svd":
+        if factors is not None:
+            U, V = factors
+        elif config.init == "svd":
             U, V = svd_factors(w, r)
         elif config.init == "whitened":
             U, V = whitened_factors(w, stats, r, config.damping)
@@ -400,7 +408,7 @@ def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None,
                              "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...])")
         stats = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
     if config.allocation == "sensitivity":
-        ranks = sensitivity_ranks(model, layers, ranks, stats, config, calibration, forward, progress)
+        ranks = _sensitivity_ranks(model, layers, ranks, stats, config, calibration, forward, progress)
     reports = []
     for name, m in layers.items():
         new, report = _make_lowrank(name, m, ranks[name], config, stats[name])
@@ -430,7 +438,7 @@ def _final_output(model: nn.Module, batch, forward=None) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def sensitivity_ranks(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int],
+def _sensitivity_ranks(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int],
                       grams: dict[str, torch.Tensor], config: LowRankConfig, calibration,
                       forward=None, progress: bool = True) -> dict[str, int]:
     """Spread the parameters of ``ranks`` over ``layers`` by measured sensitivity
@@ -461,20 +469,20 @@ def sensitivity_ranks(model: nn.Module, layers: dict[str, nn.Module], ranks: dic
         for name, m in tqdm(layers.items(), desc="measuring sensitivity", disable=not progress):
             w, _, _ = _dense_weight(m)
             d_out, d_in = w.shape
-            S2 = _whitened_svd(w, grams[name], config.damping)[2].pow(2)
+            decomposition = _whitened_svd(w, grams[name], config.damping)
+            S2 = decomposition[2].pow(2)
             r0 = ranks[name]
             tail = S2[r0:].sum().item()
-            new, _ = _make_lowrank(name, m, r0, config, grams[name])
+            costs[name], spectra[name] = d_in + d_out, S2
+            if tail <= 1e-10 * S2.sum().item():  # exact at its rank already: nothing to trade, keep it
+                weights[name], lo[name], hi[name] = 0.0, r0, r0
+                continue
+            new, _ = _make_lowrank(name, m, r0, config, grams[name], factors=_factors_at(decomposition, r0))
             _set_module(model, name, new)
             try:
                 err = model_error()
             finally:
                 _set_module(model, name, m)
-            costs[name] = d_in + d_out
-            spectra[name] = S2
-            if tail <= 1e-10 * S2.sum().item():  # exact at its rank already: nothing to trade, keep it
-                weights[name], lo[name], hi[name] = 0.0, r0, r0
-                continue
             weights[name] = err / tail
             lo[name], hi[name] = 1, max(r0, min(d_in, d_out, d_in * d_out // (d_in + d_out)))
     finally:

@@ -193,7 +193,8 @@ def _calib(n=4, seq=12, seed=0):
     return [{"input_ids": ids, "attention_mask": mask}]
 
 
-def _rel_error(model, ref_model, batches):
+def output_error(model, ref_model, batches):
+    """Relative squared error of ``model``'s first output against ``ref_model``'s over unmasked tokens."""
     num = den = 0.0
     with torch.no_grad():
         for b in batches:
@@ -219,7 +220,7 @@ def test_sensitivity_allocation_keeps_the_budget_and_lowers_the_error(family):
     for l in r_sens.layers:  # between 1 and the break-even rank
         assert 1 <= l.rank <= l.d_in * l.d_out // (l.d_in + l.d_out)
         assert isinstance(sens.get_submodule(l.name), LowRankLinear) and sens.get_submodule(l.name).rank == l.rank
-    assert _rel_error(sens, ref, calib) < _rel_error(uni, ref, calib)
+    assert output_error(sens, ref, calib) < output_error(uni, ref, calib)
 
 
 def test_sensitivity_allocation_leaves_exact_layers_and_checks_its_config():
