@@ -57,7 +57,7 @@ def _add_distill(sub):
     p.add_argument("--minutes", type=float, default=None,
                    help="time budget for distillation; the LR schedule ends with it (default 3.5, so the whole "
                         "default run stays within 5 minutes on 2 CPU cores; 0 = steps only)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-4 swap, 1e-3 lrc)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-4 swap, 1e-3 lrc)")
     p.add_argument("--clone", choices=["inner", "auto", "lowrank"], default=None,
                    help="swap: activations to clone: inner = every block's output but the last, which the "
                         "embedding loss covers (default); auto = every block's; lowrank = every swapped layer's")
