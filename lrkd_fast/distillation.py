@@ -226,6 +226,18 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _broadcast_parameters(params) -> None:
+    """Give every process rank 0's values (as DDP does when it wraps a model): an init calibrated on each
+    process's own data (whitened, sequential) would otherwise leave the replicas apart for good."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def _average_gradients(params) -> None:
     """All-reduce (mean) the gradients when running under torch.distributed with several processes."""
     import torch.distributed as dist
@@ -294,6 +306,7 @@ class TrainingLoop:
         else:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
+        _broadcast_parameters(self.params)
         self.model.train(cfg.dropout)
         t0 = time.time() - history["seconds"]
         self._elapsed = lambda: time.time() - t0

@@ -4,7 +4,8 @@
 
 Each process calibrates the same tiny BERT on different text, so its own sensitivity measurement
 gives different ranks. It swaps once alone (before joining the group) and once inside the group;
-rank 0 writes every process's ranks from both swaps.
+then it distills the group's student for one step. Rank 0 writes every process's ranks from both
+swaps and the student's factors before and after that step.
 """
 import copy
 import json
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 import transformers as tf
 
-from lrkd_fast import LowRankConfig, swap_linear_layers
+from lrkd_fast import DistillConfig, Distiller, LowRankConfig, swap_linear_layers
 
 
 def main(out_dir):
@@ -29,15 +30,21 @@ def main(out_dir):
     calib = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     config = LowRankConfig(rank=0.4, init="whitened", allocation="sensitivity")
 
-    def ranks():
-        rep = swap_linear_layers(copy.deepcopy(model), config, calibration=calib, progress=False)
-        return [l.rank for l in rep.layers]
+    def swapped():
+        student = copy.deepcopy(model)
+        rep = swap_linear_layers(student, config, calibration=calib, progress=False)
+        return student, [l.rank for l in rep.layers]
 
-    alone = ranks()
+    alone = swapped()[1]
     dist.init_process_group("gloo")
-    together = ranks()
+    student, together = swapped()
+    factor = lambda: student.encoder.layer[1].output.dense.U.detach().flatten()[:8].tolist()
+    before = factor()  # calibrated on this process's own text
+    d = Distiller(student, model, DistillConfig(steps=1, progress=False))
+    d.train(calib)
+    d.close()
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"alone": alone, "together": together})
+    dist.all_gather_object(gathered, {"alone": alone, "together": together, "before": before, "after": factor()})
     if rank == 0:
         with open(os.path.join(out_dir, "ranks.json"), "w") as f:
             json.dump(gathered, f)

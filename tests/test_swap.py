@@ -238,7 +238,7 @@ def test_sensitivity_allocation_leaves_exact_layers_and_checks_its_config():
         swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened", allocation="sensitivity"))
 
 
-def test_sensitivity_ranks_agree_across_processes(tmp_path):
+def test_sensitivity_ranks_and_initial_factors_agree_across_processes(tmp_path):
     # real torch.distributed (2 gloo processes): ranks measured on different data are replaced by rank 0's
     import json
     import os
@@ -257,6 +257,9 @@ def test_sensitivity_ranks_agree_across_processes(tmp_path):
     p0, p1 = json.loads((tmp_path / "ranks.json").read_text())
     assert p0["alone"] != p1["alone"]  # the processes really measured different ranks on their own
     assert p0["together"] == p1["together"] == p0["alone"]  # in the group, everyone uses rank 0's
+    # the whitened factors differ too, until distillation starts from rank 0's values on every process
+    assert p0["before"] != p1["before"]
+    assert p0["after"] == p1["after"]
 
 
 def test_cross_whitened_factors_are_the_best_low_rank_map_between_input_sets():
