@@ -676,8 +676,8 @@ def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict
             block_name, block = blocks[i], model.get_submodule(blocks[i])
             names = inside[block_name]
             dense = copy.deepcopy(block) if names else block
-            for stage in _stages(block, [n[len(block_name) + 1:] for n in names], calls[i][0], swapped_h[0]) \
-                    if names else []:
+            stages = _stages(block, [n[len(block_name) + 1:] for n in names], calls[i][0], swapped_h[0]) if names else []
+            for stage in stages:
                 gram = cross = 0.0
                 count = 0
                 for call, hd, hs, mask in zip(calls[i], dense_h, swapped_h, masks):
