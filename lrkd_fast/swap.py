@@ -434,7 +434,12 @@ def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None,
         if calibration is None:
             raise ValueError("init='whitened' needs calibration batches: swap_linear_layers(model, config, "
                              "calibration=[{'input_ids': ..., 'attention_mask': ...}, ...])")
-        stats = collect_input_grams(model, layers, calibration, forward=forward, progress=progress)
+        # the sequential init fits the layers inside the blocks from its own statistics; the sensitivity
+        # measurement still needs every layer's
+        need = layers if config.allocation == "sensitivity" or not config.sequential else \
+            {n: layers[n] for n in _outside_blocks(model, layers)}
+        if need:
+            stats.update(collect_input_grams(model, need, calibration, forward=forward, progress=progress))
     if config.allocation == "sensitivity":
         ranks = _sensitivity_ranks(model, layers, ranks, stats, config, calibration, forward, progress)
     if config.sequential:
@@ -556,6 +561,35 @@ class _BlockCall:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+
+def _block_calls(model: nn.Module, block_names: list[str], batches, forward=None) -> list[list[_BlockCall]]:
+    """Per block in ``block_names`` (in call order), its :class:`_BlockCall` for every batch; the pass
+    stops at the last of them. Hidden states are kept for the first block only: the others' follow
+    from replaying it."""
+    calls = [[] for _ in block_names]
+
+    def record(i):
+        def fn(module, args, kwargs):
+            call = _BlockCall(args, kwargs)
+            if i > 0:
+                call.hidden = None
+            calls[i].append(call)
+            if i == len(block_names) - 1:
+                raise _Stop
+        return fn
+
+    hooks = [model.get_submodule(b).register_forward_pre_hook(record(i), with_kwargs=True)
+             for i, b in enumerate(block_names)]
+    try:
+        for batch in batches:
+            _run(model, batch, forward)
+    finally:
+        for h in hooks:
+            h.remove()
+    if any(len(c) != len(batches) for c in calls):
+        raise RuntimeError("sequential=True needs every block to run exactly once per calibration batch")
+    return calls
+
 def _input_at(block: nn.Module, layer: str, call: _BlockCall, hidden: torch.Tensor) -> torch.Tensor:
     """What ``block``'s sub-layer ``layer`` receives when the block runs on ``hidden`` (the rest is skipped)."""
     seen = []
@@ -602,6 +636,12 @@ def _stages(block: nn.Module, names: list[str], call: _BlockCall, hidden: torch.
     return [group for group, _ in stages]
 
 
+
+def _outside_blocks(model: nn.Module, layers) -> list[str]:
+    """The names in ``layers`` that are not inside one of the model's transformer blocks."""
+    prefixes = tuple(b + "." for b in find_blocks(model))
+    return [n for n in layers if not (prefixes and n.startswith(prefixes))]
+
 @torch.no_grad()
 def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int],
                      grams: dict[str, torch.Tensor], config: LowRankConfig, calibration, forward=None,
@@ -614,7 +654,7 @@ def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict
 
     blocks = find_blocks(model)
     inside = {b: [n for n in layers if n.startswith(b + ".")] for b in blocks}
-    if not any(inside.values()):
+    if len(_outside_blocks(model, layers)) == len(layers):
         raise ValueError(f"sequential=True fits the layers inside the transformer blocks, but none of the "
                          f"selected layers of {type(model).__name__} is inside one (blocks: {blocks[:3]})")
     last = max(i for i, b in enumerate(blocks) if inside[b])
@@ -628,49 +668,17 @@ def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict
         model_config.use_cache = False  # a replayed block must not append to a key/value cache
     try:
         # every block's arguments as the dense model calls it (they may differ per block, e.g. the
-        # masks of sliding-window layers); hidden states are kept for the first block only
-        calls = [[] for _ in range(last + 1)]
-
-        def record(i):
-            def fn(module, args, kwargs):
-                call = _BlockCall(args, kwargs)
-                if i > 0:
-                    call.hidden = None
-                calls[i].append(call)
-                if i == last:
-                    raise _Stop
-            return fn
-
-        hooks = [model.get_submodule(b).register_forward_pre_hook(record(i), with_kwargs=True)
-                 for i, b in enumerate(blocks[:last + 1])]
-        try:
-            for batch in batches:
-                _run(model, batch, forward)
-        finally:
-            for h in hooks:
-                h.remove()
-        if any(len(c) != len(batches) for c in calls):
-            raise RuntimeError("sequential=True needs every block to run exactly once per calibration batch")
+        # masks of sliding-window layers)
+        calls = _block_calls(model, blocks[:last + 1], batches, forward)
         reports = {}
-        outside = [n for n in layers if not any(n in names for names in inside.values())]
+        outside = _outside_blocks(model, layers)
         for name in outside:
             new, reports[name] = _make_lowrank(name, layers[name], ranks[name], config, grams[name])
             _set_module(model, name, new)
         dense_h = [c.hidden for c in calls[0]]
         swapped_h = dense_h
         if outside:  # the swapped layers outside the blocks may already change the first block's input
-            swapped_h = []
-
-            def grab(module, args, kwargs):
-                swapped_h.append(_BlockCall(args, kwargs).hidden)
-                raise _Stop
-
-            handle = model.get_submodule(blocks[0]).register_forward_pre_hook(grab, with_kwargs=True)
-            try:
-                for batch in batches:
-                    _run(model, batch, forward)
-            finally:
-                handle.remove()
+            swapped_h = [c.hidden for c in _block_calls(model, blocks[:1], batches, forward)[0]]
 
         for i in tqdm(range(last + 1), desc="sequential whitened init", disable=not progress):
             block_name, block = blocks[i], model.get_submodule(blocks[i])
