@@ -60,7 +60,10 @@ class DistillConfig:
     train_norms: bool = False
     train_bias: bool = False
     dropout: bool = False  # keep the student's dropout on while training (off: it copies an eval-mode teacher)
-    autocast: str = "auto"  # "auto" (bf16 on CUDA with bf16 support), "bf16", "off"
+    # "auto" (bf16 on CUDA with bf16 support), "bf16", "off". "auto" leaves the CPU in fp32: on a 2-core AMX
+    # Xeon, bf16 made MiniLM distillation slower (SDPA's bf16 CPU backward; with eager attention, uneven
+    # step times): benchmarks/results/swap_variants/cpu_bf16_steps.py
+    autocast: str = "auto"
     # keep the teacher's targets per text (token sequence) and reuse them when the text comes back in a
     # later epoch: skips the teacher's forward, about a quarter of a step (see TeacherCache). Not saved
     # in checkpoints: a resumed run refills it, so its losses match up to float rounding, not bit for bit
