@@ -12,6 +12,7 @@ held-out (512 texts) and training-text (512 texts) fidelity. Raw lines: runs_ses
     python session6_probe.py uniform 3.5 "alloc='uniform'"
     python session6_probe.py floor075 3.5 "floor=0.75"                    # sensitivity ranks, each >= 0.75 x uniform
     python session6_probe.py long25 25 ""                                 # the defaults for 25 minutes
+    python session6_probe.py half 8.6 "ntrain=704"                        # half the training texts
 """
 import torch, time, copy, sys, os
 import torch.nn.functional as F
@@ -29,7 +30,10 @@ hb = list(TextBatches(held, tok, 64, 128, shuffle=False)); te = sentence_embeddi
 trb = list(TextBatches(train[:512], tok, 64, 128, shuffle=False)); tre = sentence_embeddings(teacher, trb)
 name = sys.argv[1]; minutes = float(sys.argv[2]); kw = eval("dict(" + (sys.argv[3] if len(sys.argv) > 3 else "") + ")")
 alloc = kw.pop("alloc", "sensitivity"); floor = kw.pop("floor", 0.0)
-START = "runs/start_plain" + ("" if alloc == "sensitivity" and not floor else f"_{alloc}_{floor}")
+ntrain = kw.pop("ntrain", None)  # keep only the first ntrain training texts (for calibration too)
+if ntrain:
+    train = train[:ntrain]
+START = "runs/start_plain" + ("" if alloc == "sensitivity" and not floor else f"_{alloc}_{floor}") + (f"_n{ntrain}" if ntrain else "")
 if floor:
     import lrkd_fast.allocation as A
     _orig_alloc = A.allocate_ranks
