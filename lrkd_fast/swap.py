@@ -561,7 +561,6 @@ class _BlockCall:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-
 def _block_calls(model: nn.Module, block_names: list[str], batches, forward=None) -> list[list[_BlockCall]]:
     """Per block in ``block_names`` (in call order), its :class:`_BlockCall` for every batch; the pass
     stops at the last of them. Hidden states are kept for the first block only: the others' follow
@@ -589,6 +588,7 @@ def _block_calls(model: nn.Module, block_names: list[str], batches, forward=None
     if any(len(c) != len(batches) for c in calls):
         raise RuntimeError("sequential=True needs every block to run exactly once per calibration batch")
     return calls
+
 
 def _input_at(block: nn.Module, layer: str, call: _BlockCall, hidden: torch.Tensor) -> torch.Tensor:
     """What ``block``'s sub-layer ``layer`` receives when the block runs on ``hidden`` (the rest is skipped)."""
@@ -636,11 +636,11 @@ def _stages(block: nn.Module, names: list[str], call: _BlockCall, hidden: torch.
     return [group for group, _ in stages]
 
 
-
 def _outside_blocks(model: nn.Module, layers) -> list[str]:
     """The names in ``layers`` that are not inside one of the model's transformer blocks."""
     prefixes = tuple(b + "." for b in find_blocks(model))
     return [n for n in layers if not (prefixes and n.startswith(prefixes))]
+
 
 @torch.no_grad()
 def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int],
@@ -654,7 +654,8 @@ def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict
 
     blocks = find_blocks(model)
     inside = {b: [n for n in layers if n.startswith(b + ".")] for b in blocks}
-    if len(_outside_blocks(model, layers)) == len(layers):
+    outside = _outside_blocks(model, layers)
+    if len(outside) == len(layers):
         raise ValueError(f"sequential=True fits the layers inside the transformer blocks, but none of the "
                          f"selected layers of {type(model).__name__} is inside one (blocks: {blocks[:3]})")
     last = max(i for i, b in enumerate(blocks) if inside[b])
@@ -671,7 +672,6 @@ def _sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict
         # masks of sliding-window layers)
         calls = _block_calls(model, blocks[:last + 1], batches, forward)
         reports = {}
-        outside = _outside_blocks(model, layers)
         for name in outside:
             new, reports[name] = _make_lowrank(name, layers[name], ranks[name], config, grams[name])
             _set_module(model, name, new)

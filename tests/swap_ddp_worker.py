@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_swap.py::test_sensitivity_ranks_agree_across_processes.
+"""torchrun worker for tests/test_swap.py::test_sensitivity_ranks_and_initial_factors_agree_across_processes.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/swap_ddp_worker.py OUT_DIR
 

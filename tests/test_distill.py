@@ -242,6 +242,7 @@ def test_minilm_sequential_whitened_init_beats_plain_whitened(minilm, eager_back
     cos = lambda m: embedding_fidelity(sentence_embeddings(m, held_b), t_emb).mean_cosine
     assert cos(seq) > cos(plain) + 0.005
 
+
 def test_text_batches_shard_a_global_batch_across_ranks():
     tok = T.AutoTokenizer.from_pretrained(packaged_minilm_path())
     texts = [f"text number {i} " + "word " * (i % 7) for i in range(50)]
