@@ -1,61 +1,83 @@
-"""Matrix-product kernels for low-rank layers.
+"""Low-rank product kernels: out = (A @ B) @ C (+ bias) for a thin middle dimension R.
 
-* ``chain_matmul``:  out = (A @ B) @ C (+ bias) for a thin middle dimension R, with A @ B kept on
-  chip per row block (written to HBM only when the caller asks for it, e.g. to save it for
-  backward). This is the low-rank forward (x U) V and the backward's dx = (dy V^T) U^T.
-* ``matmul``: out = A @ B with the reduction dimension split across programs (split-K), used for
-  the weight gradients whose reduction runs over all tokens. Each split writes its own fp32
-  partial and the partials are summed in a fixed order, so results are deterministic.
+Two kernels, one per regime (the op layer picks one from a cost model, see
+``lrkd_fast.ops.cost_model.plan_lowrank``):
 
-Operands are described by strides, so transposed views cost nothing. Launchers take tensors and
-return tensors; they know nothing of autograd or models.
+* ``chain_matmul`` (``_chain_kernel``), many rows: one program per row block owns EVERY column.
+  It forms t = A[rows] @ B on chip (fp32, rounded to the input dtype as two matmuls would), then
+  sweeps the columns of C. Nothing is recomputed: each product is done exactly once, A is read
+  once, B and C come from L2. The intermediate goes to HBM only when the caller stores it
+  (training saves x U for the V gradient).
+* ``lowrank_decode`` (``_decode_kernel``), few rows (decode, small batches): memory-bound on
+  reading B and C, so ONE launch spreads both over the GPU. The first programs each own a slice
+  (rank chunk x reduction slice) of B and write a partial of t; the remaining programs each own
+  a column block of C, wait until every partial is written, sum them in a fixed order
+  (deterministic), and write their columns. B and C are each read exactly once.
+
+Operands are described by strides (transposed and broadcast views cost nothing, including a
+strided bias). Launchers take tensors and return tensors; they know nothing of autograd or models.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, block_at_least_16, device_sms, dot_in_fp32, grouped_tile
+from .utils import autotune, block_at_least_16, bucket, device_sms, dot_in_fp32, interpreted
 
-# Largest padded middle dimension handled by the single-kernel chain. Beyond it the (rows x R)
-# intermediate no longer fits on chip and chain_matmul runs two tiled products instead.
+# Largest padded middle dimension the chain kernel keeps on chip (BLOCK_M x 256 fp32 accumulator).
 CHAIN_MAX_R = 256
+# Most rows the decode kernel handles in one launch (its phase-2 tile holds every row).
+DECODE_MAX_M = 64
 
 
 def _chain_configs():
-    cfgs = []
+    # Smallest first: the interpreter keeps only that one.
+    cfgs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
     for bm in (64, 128):
         for bn in (64, 128):
             for bk in (32, 64):
                 for w in (4, 8):
-                    cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
-    # small, interpreter-friendly config first
-    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)] + cfgs
+                    for s in (2, 3):
+                        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                                  num_warps=w, num_stages=s))
+    return cfgs
 
 
-@triton.autotune(configs=autotune_configs(_chain_configs()), key=["M_BUCKET", "K", "R", "N", "N_SPLIT"],
-                 reset_to_zero=None)
+def _chain_resources(cfg, args):
+    """(shared bytes, fp32 accumulator registers per thread) of a chain-kernel config."""
+    e = 4 if args["DOT_FP32"] else args["a_ptr"].element_size()
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    br = args["BLOCK_R"]
+    threads = 32 * cfg.num_warps
+    # phase 1 pipelines A and B tiles; phase 2 pipelines C tiles with t staged for the MMA
+    shared = max(cfg.num_stages * (bm * bk + bk * br) * e, cfg.num_stages * br * bn * e + bm * br * e)
+    regs = max(bm * br, bm * bn + bm * br * e // 4) // threads
+    return shared, regs
+
+
+@autotune(_chain_configs(), key=["M_BUCKET", "K", "R", "N", "STORE_T"], resources=_chain_resources)
 @triton.jit
 def _chain_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr,
                   M, K, R, N, M_BUCKET,
-                  s_am, s_ak, s_bk, s_br, s_cr, s_cn, s_om, s_on, s_tm, s_tr,
-                  N_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                  s_am, s_ak, s_bk, s_br, s_cr, s_cn, s_bias, s_om, s_on, s_tm, s_tr,
+                  BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr,
+                  DOT_FP32: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     r_mask = offs_r < R
 
-    # t = A[rows] @ B, accumulated in fp32, never leaves the chip unless STORE_T.
     acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
+        a = tl.load(a_ptr + rows[:, None] * s_am + kk[None, :] * s_ak,
                     mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + kk[:, None] * s_bk + offs_r[None, :] * s_br,
                     mask=(kk[:, None] < K) & r_mask[None, :], other=0.0)
@@ -63,19 +85,15 @@ def _chain_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc_t = tl.dot(a, b, acc_t)
-    # Round the intermediate to the input dtype, as the eager two-matmul path does.
     t = acc_t.to(out_ptr.dtype.element_ty)
     if STORE_T:
-        if pid_n == 0:
-            tl.store(t_ptr + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr, t,
-                     mask=m_mask[:, None] & r_mask[None, :])
+        tl.store(t_ptr + rows[:, None] * s_tm + offs_r[None, :] * s_tr, t,
+                 mask=m_mask[:, None] & r_mask[None, :])
     if DOT_FP32:
         t = t.to(tl.float32)
 
-    # out[rows, cols] = t @ C[:, cols]; this program covers every N_SPLIT-th column block.
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    for nb in range(pid_n, n_blocks, N_SPLIT):
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         c = tl.load(c_ptr + offs_r[:, None] * s_cr + offs_n[None, :] * s_cn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -83,59 +101,83 @@ def _chain_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr,
             c = c.to(tl.float32)
         acc = tl.dot(t, c)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
+            acc += tl.load(bias_ptr + offs_n * s_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * s_om + offs_n[None, :] * s_on,
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _matmul_configs():
-    cfgs = []
-    for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                             (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=w, num_stages=s))
-    return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)] + cfgs
-
-
-@triton.autotune(configs=autotune_configs(_matmul_configs()), key=["M", "N", "K_BUCKET", "SPLIT_K"])
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, out_ptr, M, N, K, K_BUCKET,
-                   s_am, s_ak, s_bk, s_bn, s_os, s_om, s_on,
-                   SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+def _decode_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr, ws_ptr, sync_ptr,
+                   M, K, R, N, K_PER_SPLIT,
+                   s_am, s_ak, s_bk, s_br, s_cr, s_cn, s_bias, s_om, s_on, s_tm, s_tr,
+                   N_CHUNKS: tl.constexpr, K_SPLIT: tl.constexpr, N_COL_BLOCKS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n_mask = offs_n < N
-
-    k_iters = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_iters, SPLIT_K)
-    k_start = pid_k * per_split * BLOCK_K
-    k_end = tl.minimum(k_start + per_split * BLOCK_K, K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_end
-        a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * s_bk + offs_n[None, :] * s_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-    tl.store(out_ptr + pid_k * s_os + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _bucket(n: int) -> int:
-    """Autotune key for a dimension that varies with the batch: its power-of-two bucket."""
-    return triton.next_power_of_2(max(int(n), 1))
+    n_producers: tl.constexpr = N_CHUNKS * K_SPLIT
+    # ws: (K_SPLIT, BLOCK_M, N_CHUNKS * BLOCK_R) fp32 partials of t = A @ B, contiguous
+    ws_row: tl.constexpr = N_CHUNKS * BLOCK_R
+    if pid < n_producers:
+        # ---- phase 1: partial t for rank chunk `chunk` over reduction slice `ks`
+        chunk = pid % N_CHUNKS
+        ks = pid // N_CHUNKS
+        offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_lo = ks * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = kk < k_hi
+            a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * s_bk + offs_r[None, :] * s_br,
+                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        tl.store(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :], acc)
+        # release: the partial is visible to whoever sees the incremented count
+        tl.atomic_add(sync_ptr, 1, sem="release")
+    else:
+        # ---- phase 2: columns [col0, col0 + BLOCK_N) of out = t @ C (+ bias)
+        col_block = pid - n_producers
+        # Producers have lower program ids, so they are scheduled first and never wait on us.
+        while tl.atomic_add(sync_ptr, 0, sem="acquire") < n_producers:
+            pass
+        offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for chunk in range(0, N_CHUNKS):
+            offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for ks in range(0, K_SPLIT):  # fixed order: deterministic
+                part += tl.load(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :],
+                                cache_modifier=".cg")
+            t = part.to(out_ptr.dtype.element_ty)  # rounded as two matmuls would round x U
+            if STORE_T:
+                if col_block == 0:
+                    tl.store(t_ptr + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr, t,
+                             mask=m_mask[:, None] & r_mask[None, :])
+            c = tl.load(c_ptr + offs_r[:, None] * s_cr + offs_n[None, :] * s_cn,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                t = t.to(tl.float32)
+                c = c.to(tl.float32)
+            acc = tl.dot(t, c, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * s_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        # the last consumer resets both counters, so the next launch starts from zero
+        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == N_COL_BLOCKS - 1:
+            tl.atomic_xchg(sync_ptr + 1, 0)
+            tl.atomic_xchg(sync_ptr, 0)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -143,89 +185,121 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None,
-           split_k: int | None = None) -> torch.Tensor:
-    """a (M, K) @ b (K, N) -> (M, N) in ``out_dtype`` (default: a's dtype), fp32 accumulation.
-
-    ``split_k`` splits the reduction across programs (default: chosen so the grid covers the
-    GPU when the output has few tiles, as for weight gradients reduced over all tokens).
-    """
-    _check_2d("a", a)
-    _check_2d("b", b)
-    M, K = a.shape
-    K2, N = b.shape
-    if K != K2:
-        raise ValueError(f"inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
-    out_dtype = out_dtype or a.dtype
-    if M == 0 or N == 0 or K == 0:
-        return torch.zeros(M, N, dtype=out_dtype, device=a.device)
-    if split_k is None:
-        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-        sms = device_sms(a)
-        split_k = 1
-        while tiles * split_k < sms and K // (split_k * 2) >= 512:
-            split_k *= 2
-    split_k = max(1, min(int(split_k), triton.cdiv(K, 32)))
-    if split_k == 1:
-        out = torch.empty(1, M, N, dtype=out_dtype, device=a.device)
-    else:
-        out = torch.empty(split_k, M, N, dtype=torch.float32, device=a.device)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-
-    _matmul_kernel[grid](a, b, out, M, N, K, _bucket(K),
-                         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         out.stride(0), out.stride(1), out.stride(2),
-                         SPLIT_K=split_k, DOT_FP32=dot_in_fp32(a.dtype))
-    if split_k == 1:
-        return out[0]
-    # fixed-order reduction of the fp32 partials: deterministic
-    return out.sum(0).to(out_dtype)
-
-
-def chain_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
-                 store_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return ``((a @ b) @ c + bias, a @ b if store_t else None)``.
-
-    a (M, K), b (K, R), c (R, N), bias (N,). All of a, b, c share one dtype; the intermediate
-    a @ b is rounded to that dtype before the second product (as two separate matmuls would).
-    """
+def _check_chain(a, b, c, bias):
     for name, t in (("a", a), ("b", b), ("c", c)):
         _check_2d(name, t)
     M, K = a.shape
     R, N = c.shape
     if b.shape != (K, R):
         raise ValueError(f"b must have shape {(K, R)}, got {tuple(b.shape)}")
-    dtype = a.dtype
-    if M == 0 or K == 0 or R == 0:
-        out = torch.zeros(M, N, dtype=dtype, device=a.device)
-        if bias is not None:
-            out += bias
-        return out, (torch.zeros(M, R, dtype=dtype, device=a.device) if store_t else None)
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    return M, K, R, N
 
+
+def _empty_result(a, M, N, R, bias, store_t):
+    out = torch.zeros(M, N, dtype=a.dtype, device=a.device)
+    if bias is not None:
+        out += bias
+    return out, (torch.zeros(M, R, dtype=a.dtype, device=a.device) if store_t else None)
+
+
+def chain_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
+                 store_t: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return ``((a @ b) @ c + bias, a @ b if store_t else None)`` in one launch.
+
+    a (M, K), b (K, R) with R <= ``CHAIN_MAX_R``, c (R, N), bias (N,); one dtype, any strides.
+    The intermediate a @ b is rounded to that dtype before the second product.
+    """
+    M, K, R, N = _check_chain(a, b, c, bias)
+    if M == 0 or K == 0 or R == 0:
+        return _empty_result(a, M, N, R, bias, store_t)
     block_r = block_at_least_16(R)
     if block_r > CHAIN_MAX_R:
-        t = matmul(a, b, split_k=1)
-        out = matmul(t, c, split_k=1)
-        if bias is not None:
-            out += bias
-        return out, (t if store_t else None)
-
-    out = torch.empty(M, N, dtype=dtype, device=a.device)
-    t = torch.empty(M, R, dtype=dtype, device=a.device) if store_t else out  # dummy pointer
-    # Split the columns over a second grid axis when there are too few row blocks to fill the
-    # GPU; each split recomputes a @ b for its rows (cheap next to the second product when R << N).
-    m_blocks_guess = triton.cdiv(M, 64)
-    n_split = max(1, min(triton.cdiv(N, 64), triton.cdiv(device_sms(a) * 2, m_blocks_guess), 8))
+        raise ValueError(f"chain_matmul keeps a @ b on chip for R <= {CHAIN_MAX_R}, got R={R}")
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    t = torch.empty(M, R, dtype=a.dtype, device=a.device) if store_t else out  # dummy pointer
+    bias_arg = bias if bias is not None else out
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), n_split)
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
 
-    _chain_kernel[grid](a, b, c, bias if bias is not None else out, out, t,
-                        M, K, R, N, _bucket(M),
+    _chain_kernel[grid](a, b, c, bias_arg, out, t, M, K, R, N, bucket(M),
                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                        out.stride(0), out.stride(1), t.stride(0), t.stride(1),
-                        N_SPLIT=n_split, BLOCK_R=block_r, HAS_BIAS=bias is not None,
-                        STORE_T=store_t, DOT_FP32=dot_in_fp32(dtype))
+                        bias_arg.stride(0), out.stride(0), out.stride(1), t.stride(0), t.stride(1),
+                        BLOCK_R=block_r, HAS_BIAS=bias is not None, STORE_T=store_t,
+                        DOT_FP32=dot_in_fp32(a.dtype))
+    return out, (t if store_t else None)
+
+
+# Counters of the decode kernel's hand-off, one pair per (device, stream); the kernel leaves them 0.
+_SYNC: dict = {}
+
+
+def _sync_counters(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _SYNC.get(key)
+    if buf is None:
+        buf = _SYNC[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return buf
+
+
+@functools.lru_cache(maxsize=256)
+def decode_plan(M: int, K: int, R: int, N: int, sms: int, k_split: int | None = None) -> dict:
+    """Work split of ``lowrank_decode``: rank chunks x reduction slices of producers, column blocks
+    of consumers, all resident at once (at most ``sms`` programs), and the partials of t (re-read
+    by every consumer) kept below the bytes of B and C themselves."""
+    block_m = block_at_least_16(M)
+    block_r = 16 if R <= 256 else 32
+    n_chunks = triton.cdiv(R, block_r)
+    block_n = 64 if not interpreted() else 32
+    while triton.cdiv(N, block_n) > max(sms // 2, 1) and block_n < 256:
+        block_n *= 2
+    n_cols = triton.cdiv(N, block_n)
+    while n_chunks + n_cols > sms and block_r < 128:
+        block_r *= 2
+        n_chunks = triton.cdiv(R, block_r)
+    if n_chunks + n_cols > sms:
+        raise ValueError(f"lowrank_decode: R={R}, N={N} need more programs than the {sms} SMs can hold at once")
+    weight_bytes = 2 * (K * R + R * N)
+    forced, k_split = k_split, 1
+    while forced is None and (n_chunks * k_split * 2 + n_cols <= sms and K // (k_split * 2) >= 128
+           and n_cols * k_split * 2 * block_m * n_chunks * block_r * 4 <= weight_bytes):
+        k_split *= 2
+    if forced is not None:
+        cap = triton.cdiv(K, 16) if interpreted() else max((sms - n_cols) // n_chunks, 1)
+        k_split = max(1, min(int(forced), triton.cdiv(K, 16), cap))
+    return dict(BLOCK_M=block_m, BLOCK_R=block_r, N_CHUNKS=n_chunks, K_SPLIT=k_split,
+                BLOCK_N=block_n, N_COL_BLOCKS=n_cols, BLOCK_K=64 if not interpreted() else 32,
+                K_PER_SPLIT=triton.cdiv(triton.cdiv(K, k_split), 16) * 16)
+
+
+def lowrank_decode(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
+                   store_t: bool = False, k_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``((a @ b) @ c + bias, a @ b if store_t else None)`` for few rows (M <= ``DECODE_MAX_M``), one launch.
+
+    Same contract as :func:`chain_matmul`, any R. Every program of the launch must be resident at
+    once (the consumers wait for the producers): the grid is capped at the GPU's SM count.
+    ``k_split`` overrides the number of reduction slices per rank chunk (default: from the plan).
+    """
+    M, K, R, N = _check_chain(a, b, c, bias)
+    if M > DECODE_MAX_M:
+        raise ValueError(f"lowrank_decode handles at most {DECODE_MAX_M} rows, got {M}")
+    if M == 0 or K == 0 or R == 0:
+        return _empty_result(a, M, N, R, bias, store_t)
+    p = decode_plan(M, K, R, N, device_sms(a), k_split)
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    t = torch.empty(M, R, dtype=a.dtype, device=a.device) if store_t else out
+    ws = torch.empty(p["K_SPLIT"], p["BLOCK_M"], p["N_CHUNKS"] * p["BLOCK_R"], dtype=torch.float32, device=a.device)
+    bias_arg = bias if bias is not None else out
+    grid = (p["N_CHUNKS"] * p["K_SPLIT"] + p["N_COL_BLOCKS"],)
+    _decode_kernel[grid](a, b, c, bias_arg, out, t, ws, _sync_counters(a.device),
+                         M, K, R, N, p["K_PER_SPLIT"],
+                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                         bias_arg.stride(0), out.stride(0), out.stride(1), t.stride(0), t.stride(1),
+                         N_CHUNKS=p["N_CHUNKS"], K_SPLIT=p["K_SPLIT"], N_COL_BLOCKS=p["N_COL_BLOCKS"],
+                         HAS_BIAS=bias is not None, STORE_T=store_t, DOT_FP32=dot_in_fp32(a.dtype),
+                         BLOCK_M=p["BLOCK_M"], BLOCK_R=p["BLOCK_R"], BLOCK_K=p["BLOCK_K"],
+                         BLOCK_N=p["BLOCK_N"], num_warps=4)
     return out, (t if store_t else None)

@@ -55,3 +55,66 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+# ---------------------------------------------------------------------------- resource rules
+# Shared memory a block may opt into, in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {"sm_90": 232_448, "sm_80": 166_912}
+# fp32 accumulator registers per thread a config may hold: 255 is the hardware cap, and operands,
+# addresses and the epilogue need the rest; above this the sm_90 compile check shows spills.
+ACC_REGS_LIMIT = 128
+
+
+@functools.lru_cache(maxsize=None)
+def device_shared_limit(device_index: int = 0) -> int:
+    """Opt-in shared memory per block of this GPU (the sm_90 figure when there is none)."""
+    if interpreted() or not torch.cuda.is_available():
+        return SHARED_LIMIT["sm_90"]
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", SHARED_LIMIT["sm_90"]))
+
+
+def element_bytes(named_args: dict, name: str) -> int:
+    """Bytes per element of the tensor argument ``name`` (the kernel's operand dtype)."""
+    return named_args[name].element_size()
+
+
+def fits(kernel, config, named_args: dict, shared_limit: int) -> bool:
+    """Whether ``config`` of an :func:`autotune`-built kernel fits the resource rules."""
+    shared, acc_regs = kernel.resources(config, named_args)
+    return shared <= shared_limit and acc_regs <= ACC_REGS_LIMIT
+
+
+def autotune(configs, key, resources, **kwargs):
+    """``triton.autotune`` that can only pick configs that fit, with the full GPU list kept.
+
+    ``configs``: the GPU candidates, smallest (interpreter-friendly) first. Under the interpreter
+    only that first one is used (the autotuner needs a GPU to benchmark).
+    ``resources(config, named_args) -> (shared bytes, fp32 accumulator registers per thread)``:
+    an estimate, used to prune before benchmarking; ``benchmarks.compile_check`` compiles every
+    config that passes it for sm_90 and sm_80 and fails if one spills or overflows.
+
+    The returned kernel carries ``gpu_configs`` (the whole candidate list) and ``resources``.
+    """
+    def prune(cfgs, named_args, **_):
+        dev = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+        limit = device_shared_limit(dev.device.index or 0) if dev is not None and dev.is_cuda else SHARED_LIMIT["sm_90"]
+        kept = [c for c in cfgs if fits(kernel, c, named_args, limit)]
+        return kept or [min(cfgs, key=lambda c: resources(c, named_args))]
+
+    def wrap(fn):
+        nonlocal kernel
+        kernel = triton.autotune(configs=autotune_configs(configs), key=key,
+                                 prune_configs_by={"early_config_prune": prune}, **kwargs)(fn)
+        kernel.gpu_configs = list(configs)
+        kernel.resources = resources
+        return kernel
+
+    kernel = None
+    return wrap
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a dimension that varies with the batch (tokens): its power-of-two bucket,
+    so a new sequence length re-uses the tuned config of its bucket instead of re-tuning."""
+    return triton.next_power_of_2(max(int(n), 1))

@@ -3,14 +3,19 @@
 Shapes: x (..., d_in), U (d_in, r), V (r, d_out), bias (d_out,) -> y (..., d_out).
 
 * ``lowrank_linear_reference``: two plain matmuls; the eager fallback and the test oracle.
-* Triton path: forward is one kernel (``chain_matmul``) that keeps each row block's x U on chip;
-  backward forms the rank-r intermediate g = dy V^T once (fused with dx = g U^T), then the weight
-  gradients dU = x^T g and dV = (x U)^T dy as split-K products over the token dimension.
-* Both Triton passes are ``torch.library`` custom ops with fake (meta) implementations and a
-  registered autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
+* Triton backend: each product (x U) V, and the backward's (dy V^T) U^T, takes one of three
+  paths chosen per shape by :func:`lrkd_fast.ops.cost_model.plan_lowrank` (FLOP/byte model):
+  ``decode`` (M <= 64: one launch that streams U and V once), ``fused`` (one program per row
+  block owns every column, x U stays on chip) or ``two_gemm`` (cuBLAS through ``torch.mm``,
+  where the model says the fused kernel cannot fill the GPU). The weight gradients dU = x^T g and
+  dV = (x U)^T dy reduce over all tokens and always run on cuBLAS, which splits that reduction
+  itself; a Triton split-K GEMM would at best tie with it.
+* Both passes are ``torch.library`` custom ops with fake (meta) implementations and a registered
+  autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -18,8 +23,9 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._validate import autocast_dtype, check_same, check_tensor
+from .cost_model import PATHS, plan_lowrank
 
-__all__ = ["lowrank_linear", "lowrank_linear_reference"]
+__all__ = ["lowrank_linear", "lowrank_linear_reference", "lowrank_path"]
 
 
 def lowrank_linear_reference(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -33,16 +39,54 @@ def lowrank_linear_reference(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Ten
     return y
 
 
+_forced_path: Optional[str] = None
+
+
+@contextlib.contextmanager
+def lowrank_path(path: Optional[str]):
+    """Force the Triton backend's path ("decode", "fused", "two_gemm"; None = the cost model's
+    choice) for every low-rank product inside the block; for benchmarks and tests."""
+    global _forced_path
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def _choose(M: int, K: int, R: int, N: int, dtype: torch.dtype, store_t: bool) -> str:
+    if _forced_path is not None:
+        path = _forced_path
+        if path == "decode" and M > 64:
+            return "two_gemm"
+        if path == "fused" and R > 256:
+            return "two_gemm"
+        return path
+    return plan_lowrank(M, K, R, N, torch.empty((), dtype=dtype).element_size(), store_t).path
+
+
+def _product(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], store_t: bool):
+    """((a b) c + bias, a b if store_t) by the chosen path; a (M, K), b (K, R), c (R, N)."""
+    from lrkd_fast.kernels import chain_matmul, lowrank_decode
+
+    path = _choose(a.shape[0], a.shape[1], b.shape[1], c.shape[1], a.dtype, store_t)
+    if path == "decode":
+        return lowrank_decode(a, b, c, bias, store_t=store_t)
+    if path == "fused":
+        return chain_matmul(a, b, c, bias, store_t=store_t)
+    t = a @ b
+    y = torch.addmm(bias, t, c) if bias is not None else t @ c
+    return y, (t if store_t else None)
+
+
 # ---------------------------------------------------------------------------- custom ops (Triton)
 
 @torch.library.custom_op("lrkd_fast::lowrank_linear_fwd", mutates_args=())
 def _fwd_op(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor], save_xu: bool) -> tuple[Tensor, Tensor]:
-    from lrkd_fast.kernels import chain_matmul
-
-    y, xu = chain_matmul(x, U, V, bias, store_t=save_xu)
-    if xu is None:
-        xu = x.new_empty(0)
-    return y, xu
+    y, xu = _product(x, U, V, bias, save_xu)
+    return y, (xu if xu is not None else x.new_empty(0))
 
 
 @_fwd_op.register_fake
@@ -55,21 +99,20 @@ def _(x, U, V, bias, save_xu):
 @torch.library.custom_op("lrkd_fast::lowrank_linear_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, U: Tensor, V: Tensor, xu: Tensor, need_dx: bool, need_dU: bool,
             need_dV: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from lrkd_fast.kernels import chain_matmul, matmul
-
-    dy = dy.contiguous()
+    # dy is used with its own strides (an expanded gradient is not copied by the Triton paths).
     # distinct empty placeholders: custom-op outputs may not alias each other
     dx, dU, dV, db = (dy.new_empty(0) for _ in range(4))
+    g = None
     if need_dx:
-        dx, g = chain_matmul(dy, V.t(), U.t(), store_t=need_dU)
+        dx, g = _product(dy, V.t(), U.t(), None, need_dU)
     elif need_dU:
-        g = matmul(dy, V.t(), split_k=1)
+        g = dy @ V.t()
     if need_dU:
-        dU = matmul(x.t(), g)
+        dU = x.t() @ g
     if need_dV:
-        dV = matmul(xu.t(), dy)
+        dV = xu.t() @ dy
     if need_db:
-        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        db = dy.sum(0)
     return dx, dU, dV, db
 
 
