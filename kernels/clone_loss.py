@@ -1,8 +1,8 @@
 """Activation-cloning MSE kernels: the loss and the student gradient in one pass.
 
 * ``grouped_mse``: sum((s - t)^2) for every same-width (student, teacher) pair of a layer in ONE
-  launch. A small int64 table on the device holds each pair's addresses, size, row width and the
-  first program of its range; each program finds its pair, streams a contiguous chunk, writes the
+  launch. Each pair's pointers, size and row width are kernel arguments (tuples), so a call copies
+  nothing to the device; each program finds its pair, streams a contiguous chunk, writes the
   gradient ``scale * (s - t)`` for that chunk and one fp32 partial sum.
 * ``projected_mse``: sum((s - t @ P)^2) as a GEMM whose epilogue subtracts the student tile,
   squares, writes the gradient tile ``scale * (s - t P)`` and one fp32 partial per tile. The
@@ -20,15 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import autotune_configs, dot_in_fp32, grouped_tile, interpreted
-
-# Rows of the per-pair table built on the host for grouped_mse (constexpr: read inside the kernel).
-_S_ADDR, _T_ADDR, _G_ADDR, _NUMEL, _WIDTH, _FIRST_BLOCK, _STORE_G = (tl.constexpr(i) for i in range(7))
-
+from .utils import autotune, bucket, dot_in_fp32, grouped_tile, interpreted
 
 @triton.jit
-def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
-               HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr):
+def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, local, row0, rem0, width, inv_width, numel, scale, acc,
+               HAS_MASK: tl.constexpr, STORE_G: tl.constexpr, BOUNDED: tl.constexpr):
     # BOUNDED=False is the interior fast path: no bounds mask, so loads and stores vectorize.
     if BOUNDED:
         inb = offs < numel
@@ -39,12 +35,19 @@ def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g
         t = tl.load(t_ptr + offs).to(tl.float32)
     d = s - t
     if HAS_MASK:
+        # row of each element without a 64-bit division: v = rem0 + local < 2^24, so the fp32
+        # quotient is off by at most one and two integer compares make it exact
+        v = rem0 + local
+        q = (v.to(tl.float32) * inv_width).to(tl.int32)
+        q = q - (q * width > v).to(tl.int32)
+        q = q + ((q + 1) * width <= v).to(tl.int32)
+        rows = row0 + q
         if BOUNDED:
-            keep = tl.load(mask_ptr + offs // width, mask=inb, other=0)
+            keep = tl.load(mask_ptr + rows, mask=inb, other=0)
         else:
-            keep = tl.load(mask_ptr + offs // width)
+            keep = tl.load(mask_ptr + rows)
         d = tl.where(keep != 0, d, 0.0)
-    if store_g:
+    if STORE_G:
         if BOUNDED:
             tl.store(g_ptr + offs, (d * scale).to(g_ptr.dtype.element_ty), mask=inb)
         else:
@@ -53,41 +56,43 @@ def _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g
 
 
 @triton.jit
-def _grouped_mse_kernel(table_ptr, scale_ptr, mask_ptr, partial_ptr, carrier_ptr,
-                        n_terms, max_blocks,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+def _grouped_mse_kernel(s_ptrs, t_ptrs, g_ptrs, numels, widths, firsts, scale_idx,
+                        scale_ptr, mask_ptr, partial_ptr, max_blocks,
+                        N_TERMS: tl.constexpr, STORE_MASK: tl.constexpr, HAS_MASK: tl.constexpr,
+                        BLOCK: tl.constexpr, SUB: tl.constexpr):
     pid = tl.program_id(0)
-    # Which pair this program belongs to: count the pairs whose first program is <= pid.
-    term = pid * 0
-    for j in range(1, n_terms):
-        term += (pid >= tl.load(table_ptr + _FIRST_BLOCK * n_terms + j)).to(tl.int32)
-    local = pid - tl.load(table_ptr + _FIRST_BLOCK * n_terms + term).to(tl.int32)
+    # Every pair's pointers and sizes are kernel arguments (tuples): nothing is copied to the
+    # device per call. The pair of this program is the one whose block range holds pid.
+    for j in tl.static_range(N_TERMS):
+        numel = numels[j]
+        first = firsts[j]
+        if (pid >= first) & (pid < first + tl.cdiv(numel, BLOCK)):
+            local_block = pid - first
+            width = widths[j]
+            start = local_block.to(tl.int64) * BLOCK
+            row0 = start // width  # one 64-bit division per program, not per element
+            rem0 = (start - row0 * width).to(tl.int32)
+            inv_width = 1.0 / width.to(tl.float32)
+            scale = tl.load(scale_ptr + scale_idx[j])
+            acc = tl.zeros((SUB,), dtype=tl.float32)
+            store_g: tl.constexpr = (STORE_MASK >> j) & 1
+            if start + BLOCK <= numel:
+                for i in tl.static_range(0, BLOCK, SUB):
+                    local = i + tl.arange(0, SUB)
+                    acc = _mse_chunk(s_ptrs[j], t_ptrs[j], g_ptrs[j], mask_ptr, start + local, local, row0, rem0,
+                                     width, inv_width, numel, scale, acc,
+                                     HAS_MASK=HAS_MASK, STORE_G=store_g, BOUNDED=False)
+            else:
+                for i in tl.static_range(0, BLOCK, SUB):
+                    local = i + tl.arange(0, SUB)
+                    acc = _mse_chunk(s_ptrs[j], t_ptrs[j], g_ptrs[j], mask_ptr, start + local, local, row0, rem0,
+                                     width, inv_width, numel, scale, acc,
+                                     HAS_MASK=HAS_MASK, STORE_G=store_g, BOUNDED=True)
+            tl.store(partial_ptr + j * max_blocks + local_block, tl.sum(acc, axis=0))
 
-    # Addresses come from the table; the dtype comes from `carrier_ptr` (every pair of one
-    # launch shares it). The host guarantees 16-byte aligned addresses; the hint on the cast
-    # pointer (not on the integer) is what lets the compiler emit 16-byte vector accesses.
-    ptr_ty = tl.pointer_type(carrier_ptr.dtype.element_ty)
-    s_ptr = tl.multiple_of(tl.load(table_ptr + _S_ADDR * n_terms + term).to(ptr_ty), 16)
-    t_ptr = tl.multiple_of(tl.load(table_ptr + _T_ADDR * n_terms + term).to(ptr_ty), 16)
-    g_ptr = tl.multiple_of(tl.load(table_ptr + _G_ADDR * n_terms + term).to(ptr_ty), 16)
-    numel = tl.load(table_ptr + _NUMEL * n_terms + term)
-    width = tl.load(table_ptr + _WIDTH * n_terms + term)
-    store_g = tl.load(table_ptr + _STORE_G * n_terms + term) != 0
-    scale = tl.load(scale_ptr + term)
 
-    start = local.to(tl.int64) * BLOCK
-    acc = tl.zeros((SUB,), dtype=tl.float32)
-    if start + BLOCK <= numel:
-        for i in tl.static_range(0, BLOCK, SUB):
-            offs = start + i + tl.arange(0, SUB)
-            acc = _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
-                             HAS_MASK=HAS_MASK, BOUNDED=False)
-    else:
-        for i in tl.static_range(0, BLOCK, SUB):
-            offs = start + i + tl.arange(0, SUB)
-            acc = _mse_chunk(s_ptr, t_ptr, g_ptr, mask_ptr, offs, numel, width, scale, store_g, acc,
-                             HAS_MASK=HAS_MASK, BOUNDED=True)
-    tl.store(partial_ptr + term * max_blocks + local, tl.sum(acc, axis=0))
+# Widest row the masked path handles: the in-kernel row index needs rem0 + BLOCK < 2^24.
+GROUPED_MAX_WIDTH = (1 << 24) - 8192
 
 
 def _grouped_block_sizes() -> tuple[int, int, int]:
@@ -103,14 +108,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scale: torch.Tensor,
-                mask: torch.Tensor | None = None, store_grad: list[bool] | None = None
+                mask: torch.Tensor | None = None, store_grad: list[bool] | None = None,
+                scale_index: list[int] | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Sum of squared differences of same-shape pairs, and their scaled differences.
+    """Sum of squared differences of same-shape pairs, and their scaled differences, one launch.
 
     students[i], teachers[i]: same shape (..., d_i); every tensor of one call shares one dtype and
-    device (the caller groups by dtype). scale: (n,) fp32 on the device, the gradient factor of
-    each pair. mask: optional (R,) uint8 over the rows (all leading dims flattened) that every
-    pair then has. store_grad[i]: whether to write pair i's gradient.
+    device (the caller groups by dtype). scale: fp32 on the device, the gradient factor of pair i
+    is ``scale[scale_index[i]]`` (default index i). mask: optional (R,) uint8 over the rows (all
+    leading dims flattened) that every pair then has. store_grad[i]: whether to write pair i's
+    gradient.
 
     Returns ``(sums, grads)``: sums (n,) fp32, sum over kept elements of (s - t)^2; grads[i] is
     ``scale[i] * (s - t)`` with masked rows 0, in the students' dtype (None where not stored).
@@ -124,8 +131,12 @@ def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scal
         if s.shape != t.shape or s.dtype != students[0].dtype or t.dtype != s.dtype:
             raise ValueError(f"pair {i}: student {tuple(s.shape)} {s.dtype} and teacher {tuple(t.shape)} {t.dtype} "
                              f"must have the same shape and the dtype of pair 0")
+        if mask is not None and s.dim() and s.shape[-1] > GROUPED_MAX_WIDTH:
+            raise ValueError(f"pair {i}: rows of {s.shape[-1]} elements are wider than the masked kernel's "
+                             f"{GROUPED_MAX_WIDTH}")
     dev = students[0].device
     store_grad = [True] * n if store_grad is None else list(store_grad)
+    scale_index = list(range(n)) if scale_index is None else [int(i) for i in scale_index]
     block, sub, warps = _grouped_block_sizes()
 
     s_c = [_aligned(s) for s in students]
@@ -140,18 +151,14 @@ def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scal
     max_blocks = max(max(blocks), 1)
     partials = torch.zeros(n, max_blocks, dtype=torch.float32, device=dev)
     if total > 0:
-        rows = [[s.data_ptr() for s in s_c],
-                [t.data_ptr() for t in t_c],
-                [(g if g is not None else s).data_ptr() for g, s in zip(grads, s_c)],
-                numels,
-                [max(s.shape[-1], 1) if s.dim() else 1 for s in s_c],
-                first,
-                [int(sg) for sg in store_grad]]
-        table = torch.tensor(rows, dtype=torch.int64).reshape(-1).to(dev, non_blocking=True)
         scale = scale.to(device=dev, dtype=torch.float32).contiguous()
         mask_arg = mask if mask is not None else partials
-        _grouped_mse_kernel[(total,)](table, scale, mask_arg, partials, s_c[0], n, max_blocks,
-                                      HAS_MASK=mask is not None, BLOCK=block, SUB=sub, num_warps=warps)
+        _grouped_mse_kernel[(total,)](
+            tuple(s_c), tuple(t_c), tuple(g if g is not None else s for g, s in zip(grads, s_c)),
+            tuple(numels), tuple(max(s.shape[-1], 1) if s.dim() else 1 for s in s_c), tuple(first),
+            tuple(scale_index), scale, mask_arg, partials, max_blocks,
+            N_TERMS=n, STORE_MASK=sum(1 << i for i, sg in enumerate(store_grad) if sg),
+            HAS_MASK=mask is not None, BLOCK=block, SUB=sub, num_warps=warps)
     # fixed-shape, fixed-order reduction of the partials: deterministic
     sums = partials.sum(dim=1)
     out_grads = [g.view(s.shape) if g is not None else None for g, s in zip(grads, students)]
@@ -159,14 +166,22 @@ def grouped_mse(students: list[torch.Tensor], teachers: list[torch.Tensor], scal
 
 
 def _projected_configs():
-    cfgs = []
+    # small, interpreter-friendly config first (kept alone when interpreted)
+    cfgs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)]
     for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)):
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=w, num_stages=s))
-    # small, interpreter-friendly config first (kept alone when interpreted)
-    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=2)
-    return [small] + cfgs
+    return cfgs
+
+
+def _projected_resources(cfg, args):
+    """(shared bytes, fp32 accumulator registers per thread): a pipelined GEMM tile whose epilogue
+    also holds the student tile."""
+    e = 4 if args["DOT_FP32"] else args["t_ptr"].element_size()
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    shared = cfg.num_stages * (bm * bk + bk * bn) * e
+    return shared, bm * bn // (32 * cfg.num_warps)
 
 
 # Smallest tile of any config: the partials buffer holds one slot per tile of the finest tiling.
@@ -174,8 +189,8 @@ _MIN_TILE_M, _MIN_TILE_N = 32, 32
 
 
 # reset_to_zero: a coarser config fills fewer slots than a finer one benchmarked before it.
-@triton.autotune(configs=autotune_configs(_projected_configs()),
-                 key=["M_BUCKET", "N", "K", "HAS_MASK", "STORE_G"], reset_to_zero=["partial_ptr"])
+@autotune(_projected_configs(), key=["M_BUCKET", "N", "K", "HAS_MASK", "STORE_G"],
+          resources=_projected_resources, reset_to_zero=["partial_ptr"])
 @triton.jit
 def _projected_mse_kernel(t_ptr, p_ptr, s_ptr, g_ptr, mask_ptr, scale_ptr, partial_ptr,
                           M, N, K, M_BUCKET,
@@ -253,7 +268,7 @@ def projected_mse(student: torch.Tensor, teacher: torch.Tensor, proj: torch.Tens
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _projected_mse_kernel[grid](teacher, proj, student, g, mask_arg, scale, partials,
-                                M, N, K, triton.next_power_of_2(M),
+                                M, N, K, bucket(M),
                                 teacher.stride(0), teacher.stride(1), proj.stride(0), proj.stride(1),
                                 student.stride(0), student.stride(1), g.stride(0), g.stride(1),
                                 HAS_MASK=mask is not None, STORE_G=store_grad,

@@ -229,3 +229,43 @@ def test_direct_only_and_projected_only_groups(proj):
     widths = (37, 53) if not proj else ()
     pairs = _layer((23,), torch.float32, widths=widths, proj=proj)
     _compare(pairs, torch.float32, factor=2.0)
+
+
+def test_masked_rows_wider_than_a_program_block():
+    # rows of 1500 elements span program blocks (1024 elements interpreted, 8192 on a GPU): the
+    # in-kernel row index (fp32 quotient with exact correction) must still pick the right mask entry
+    pairs = _layer((13,), torch.float32, widths=(1500, 7), proj=())
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    _compare(pairs, torch.float32, mask=mask, factor=0.5)
+
+
+def test_second_derivatives_and_a_second_backward_raise_instead_of_being_wrong():
+    pairs = _layer((9,), torch.float32)
+    with lrkd_fast.set_backend("triton"):
+        loss = clone_loss(pairs)
+        with pytest.raises(RuntimeError, match="second derivatives"):
+            torch.autograd.grad(loss, [pairs[0][0]], create_graph=True)
+        loss = clone_loss(pairs)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="one backward per forward|modified by an inplace operation"):
+            loss.backward()
+    # the eager reference gives the true Hessian-vector product: 2 / numel per element for a direct term
+    s, t = pairs[0][0], pairs[0][1]
+    with lrkd_fast.set_backend("eager"):
+        (g,) = torch.autograd.grad(clone_loss([(s, t)]), [s], create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), [s])
+    assert torch.allclose(hv, torch.full_like(s, 2.0 / s.numel()))
+
+
+def test_per_term_constants_are_made_once_per_value():
+    from lrkd_fast.ops.clone_loss import _CONSTANTS, _device_constants
+
+    pairs = _layer((9,), torch.float32)
+    with lrkd_fast.set_backend("triton"):
+        clone_loss(pairs, alpha=0.3).backward()
+        before = len(_CONSTANTS)
+        clone_loss(pairs, alpha=0.3).backward()  # a second step copies nothing new to the device
+    assert len(_CONSTANTS) == before
+    a = _device_constants((1.0, 2.0), torch.device(DEVICE))
+    assert a is _device_constants((1.0, 2.0), torch.device(DEVICE))
+    assert a.tolist() == [1.0, 2.0] and a.dtype == torch.float64

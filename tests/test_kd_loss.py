@@ -358,3 +358,31 @@ def test_bad_inputs(name):
         kw = dict(kw, reduction="batchmean")
     with pytest.raises(exc, match=match):
         kd_loss(*args, **kw)
+
+
+def test_second_derivatives_and_a_second_backward_raise():
+    inp = make(N=8)
+    loss = fused(inp["student_hidden"], inp["student_weight"], inp["labels"], teacher_hidden=inp["teacher_hidden"],
+                 teacher_weight=inp["teacher_weight"], temperature=2.0)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(loss, [inp["student_hidden"]], create_graph=True)
+    loss = fused(inp["student_hidden"], inp["student_weight"], inp["labels"], teacher_hidden=inp["teacher_hidden"],
+                 teacher_weight=inp["teacher_weight"], temperature=2.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward|modified by an inplace operation"):
+        loss.backward()
+
+
+def test_chunk_rows_fill_the_memory_budget_at_the_canonical_shape():
+    from lrkd_fast.ops.kd_loss import KD_MEMORY_BUDGET, _auto_chunk_rows
+
+    N, V, d_s, d_t = 8192, 128256, 1536, 3072
+    grad_bytes = 2 * N * d_s + 2 * V * d_s  # dh and dW in bf16
+    rows = _auto_chunk_rows(N, V, d_s, d_t, 2, grad_bytes)
+    assert rows % 128 == 0
+    used = grad_bytes + rows * (2 * 2 * V + 4)
+    assert used <= KD_MEMORY_BUDGET < used + 128 * (2 * 2 * V + 4)  # the largest 128-row multiple that fits
+    assert -(-N // rows) <= 8  # the heads are re-read at most 8 times (22 with 384-row chunks)
+    # small problems: one chunk; a budget smaller than the gradients still makes progress
+    assert _auto_chunk_rows(16, 1037, 24, 40, 4, 0) == 16
+    assert _auto_chunk_rows(1000, V, d_s, d_t, 2, 2 * KD_MEMORY_BUDGET) == 128

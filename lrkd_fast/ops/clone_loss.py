@@ -11,9 +11,11 @@ tensors are constants (one that requires grad still gets none). The loss is retu
 * ``clone_loss_reference``: F.mse_loss per term in fp32; the eager fallback and the test oracle.
 * Triton path (one ``torch.library`` custom op, ``lrkd_fast::clone_loss``): every direct pair of
   a dtype in ONE grouped launch, each projected pair in one GEMM with a loss/gradient epilogue,
-  then dP = -t^T G as a split-K product. The loss is terminal, so all gradients are formed in
-  the forward; backward only multiplies them by the incoming scalar gradient. This costs the
-  students' gradient memory from forward to backward (as in any fused loss).
+  then dP = -t^T G as one GEMM pass. The loss is terminal, so all gradients are formed in the
+  forward; backward scales them in place by the incoming gradient, reading nothing when it is 1
+  (one backward per forward; second derivatives raise). This costs the students' gradient
+  memory from forward to backward (as in any fused loss). Per-term constants are cached on the
+  device: a step makes no host-to-device copy and no synchronization.
 * Per-term values for logging: ``return_terms=True`` also returns a detached fp32 tensor
   ``terms`` (n_pairs,) of the unweighted E_i, so that ``loss == alpha * sum(weights * terms)``.
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import use_triton
+from ._scale import scale_saved_grads
 from ._validate import autocast_dtype, check_same, check_tensor
 
 __all__ = ["CloneLoss", "clone_loss", "clone_loss_reference", "clone_mse"]
@@ -96,17 +99,17 @@ def _clone_op(students: list[Tensor], teachers: list[Tensor], projs: list[Tensor
     Gradients not asked for come back as empty tensors.
     """
     from lrkd_fast.kernels.clone_loss import grouped_mse, projected_mse
-    from lrkd_fast.kernels.matmul import matmul
 
     n = len(students)
     dev = students[0].device
-    # counts in float64 on the device: no host sync to read the mask
+    # Per-term constants live on the device, cached by value: a training step copies nothing
+    # host-to-device, never synchronizes (the mask count stays on the device) and can be captured
+    # in a CUDA graph.
+    coef = _device_constants(tuple(coefs), dev)
     if mask is not None:
-        kept = mask.sum(dtype=torch.float64)
-        counts = torch.stack([kept * s.shape[1] for s in students])
+        counts = mask.sum(dtype=torch.float64) * _device_constants(tuple(s.shape[1] for s in students), dev)
     else:
-        counts = torch.tensor([float(s.numel()) for s in students], dtype=torch.float64, device=dev)
-    coef = torch.tensor(coefs, dtype=torch.float64, device=dev)
+        counts = _device_constants(tuple(float(s.numel()) for s in students), dev)
     grad_scale = (2.0 * coef / counts.clamp_min(1.0) if mean else 2.0 * coef).to(torch.float32)
 
     sums: list[Optional[Tensor]] = [None] * n
@@ -119,7 +122,7 @@ def _clone_op(students: list[Tensor], teachers: list[Tensor], projs: list[Tensor
             direct_by_dtype.setdefault(students[i].dtype, []).append(i)
     for idx in direct_by_dtype.values():  # one launch per dtype: one launch for a usual layer
         g_sums, g_grads = grouped_mse([students[i] for i in idx], [teachers[i] for i in idx],
-                                      grad_scale[idx], mask, [need_grad[i] for i in idx])
+                                      grad_scale, mask, [need_grad[i] for i in idx], scale_index=idx)
         for j, i in enumerate(idx):
             sums[i] = g_sums[j]
             if g_grads[j] is not None:
@@ -135,15 +138,32 @@ def _clone_op(students: list[Tensor], teachers: list[Tensor], projs: list[Tensor
         if need_grad[i]:
             grads[i] = G
         if want_dP:
-            # L = E(s - t P): dL/dP = -t^T G. Several pairs may share one P: gradients add up.
-            dP = matmul(teachers[i].t(), G, out_dtype=torch.float32).neg_()
-            proj_grads[k] = dP if proj_grads[k].numel() == 0 else proj_grads[k] + dP
+            # L = E(s - t P): dL/dP = -t^T G, one GEMM pass (alpha = -1); a P shared by several
+            # pairs accumulates in place
+            if proj_grads[k].numel() == 0:
+                proj_grads[k] = torch.addmm(projs[k].new_empty(projs[k].shape), teachers[i].t(), G,
+                                            beta=0, alpha=-1)
+            else:
+                proj_grads[k].addmm_(teachers[i].t(), G, alpha=-1)
 
     raw = torch.stack(sums)
     terms = torch.where(counts > 0, raw.double() / counts.clamp_min(1.0), 0.0).float() if mean else raw
     loss = (coef.float() * terms).sum()
-    proj_grads = [g.to(p.dtype) if g.numel() else g for g, p in zip(proj_grads, projs)]
     return loss, terms, grads, proj_grads
+
+
+_CONSTANTS: dict = {}
+
+
+def _device_constants(values: tuple, device: torch.device) -> Tensor:
+    """A float64 tensor of ``values`` on ``device``, made once per distinct value tuple."""
+    key = (values, str(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:  # e.g. a weight schedule: keep the cache bounded
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
 
 
 @_clone_op.register_fake
@@ -167,14 +187,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_loss, _d_terms, _d_grads, _d_proj_grads):
     saved = ctx.saved_tensors
     grads, proj_grads = saved[:ctx.n_students], saved[ctx.n_students:]
-
-    def scaled(gs, needs):
-        # the gradients were formed for d_loss = 1; a 0-dim fp32 factor keeps their dtype
-        return [g * d_loss if nd else None for g, nd in zip(gs, needs)]
-
+    # the gradients were formed for d_loss = 1: scaled in place, untouched when d_loss is 1
+    wanted = [g if nd else None for g, nd in zip(grads, ctx.need_grad)]
+    wanted_p = [g if nd else None for g, nd in zip(proj_grads, ctx.need_proj_grad)]
+    scale_saved_grads(ctx, wanted + wanted_p, d_loss, "clone_loss")
     # teachers (and every non-tensor argument) get no gradient. An empty list argument is its own
     # pytree node (a non-empty list of bools is a leaf), so it must be answered with an empty list.
-    return (scaled(grads, ctx.need_grad), [None] * ctx.n_students, scaled(proj_grads, ctx.need_proj_grad),
+    return (wanted, [None] * ctx.n_students, wanted_p,
             None, None, None, None, None, [] if not ctx.need_proj_grad else None)
 
 

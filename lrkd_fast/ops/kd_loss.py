@@ -35,12 +35,13 @@ teacher_logits.
 
 * ``kd_loss_reference``: full logits in fp32 and PyTorch autograd; the eager fallback and the
   test oracle. It materializes (N, V) fp32 logits for student and teacher.
-* Triton path (``lrkd_fast::kd_loss_fused`` custom op): rows go in chunks sized so the live logits
-  buffers are about the size of the hidden inputs. Per chunk: the head GEMMs (cuBLAS), one Triton
+* Triton path (``lrkd_fast::kd_loss_fused`` custom op): rows go in chunks as large as a 1 GiB
+  budget for the logits buffers and gradients allows (each chunk re-reads both heads). Per chunk: the head GEMMs (cuBLAS), one Triton
   kernel (:func:`lrkd_fast.kernels.kd_loss_rows`) that computes both log-softmaxes online in fp32,
   the row losses, and dL/ds in place over the student logits; then grad_input = dL/ds W_S and
-  grad_weight += dL/ds^T h_S. Loss and gradients are computed in the forward; the backward only
-  scales them by grad_output.
+  grad_weight += dL/ds^T h_S (the first chunk writes it). Loss and gradients are computed in the
+  forward; the backward scales them in place by grad_output, reading nothing when it is 1, so
+  one forward supports one backward and no second derivatives (both raise).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backend import use_triton
+from ._scale import scale_saved_grads
 from ._validate import autocast_dtype, check_same, check_tensor
 
 __all__ = ["KDLoss", "kd_loss", "kd_loss_reference"]
@@ -126,26 +128,46 @@ def kd_loss_reference(student_hidden: Tensor, student_weight: Tensor, labels: Op
 
 # ---------------------------------------------------------------------------- custom op (Triton)
 
-def _auto_chunk_rows(n: int, V: int, d_s: int, d_t: int) -> int:
-    """Rows per chunk: the (rows x V) logits buffers about as large as the hidden inputs."""
-    rows = -(-n * (d_s + d_t) // max(V, 1))
-    rows = -(-rows // 128) * 128  # whole 128-row tiles for the GEMMs
+# Extra memory the fused path may use at most, logits buffers and gradients together.
+KD_MEMORY_BUDGET = 1 << 30
+
+
+def _auto_chunk_rows(n: int, V: int, d_s: int, d_t: int, elem: int, grad_bytes: int,
+                     budget: int = KD_MEMORY_BUDGET) -> int:
+    """Rows per chunk: as many as the memory budget allows (every chunk re-reads both heads, so
+    fewer, larger chunks move less), in whole 128-row tiles, at least 128.
+
+    ``grad_bytes``: what the gradients (dh, dW, db) take whatever the chunk; the logits buffers
+    (student and teacher, rows x V each) and the per-row losses get the rest of the budget.
+    """
+    per_row = V * elem * (2 if d_t else 1) + 4
+    rows = max(budget - grad_bytes, 0) // per_row
+    rows = rows // 128 * 128
     return max(1, min(n, max(rows, 128)))
 
 
-def _accumulate_grad_weight(acc: Tensor, g: Tensor, h: Tensor) -> None:
-    """acc += g^T h. An fp32 ``acc`` with half-precision g, h: fp32 output straight from the GEMM
-    where PyTorch offers it (CUDA), else the product rounded once per chunk before the fp32 add."""
+def _accumulate_grad_weight(acc: Tensor, g: Tensor, h: Tensor, first: bool) -> None:
+    """acc = g^T h (``first``) or acc += g^T h. An fp32 ``acc`` with half-precision g, h: fp32
+    output straight from the GEMM where PyTorch offers it (CUDA), else the product rounded once
+    per chunk before the fp32 add."""
     if acc.dtype == g.dtype:
-        acc.addmm_(g.t(), h)
+        if first:
+            torch.mm(g.t(), h, out=acc)
+        else:
+            acc.addmm_(g.t(), h)
         return
+    prod = None
     if g.is_cuda:
         try:
-            acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
-            return
+            prod = torch.mm(g.t(), h, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    acc.add_(torch.mm(g.t(), h))
+            prod = None
+    if prod is None:
+        prod = torch.mm(g.t(), h)
+    if first:
+        acc.copy_(prod)
+    else:
+        acc.add_(prod)
 
 
 @torch.library.custom_op("lrkd_fast::kd_loss_fused", mutates_args=())
@@ -161,8 +183,12 @@ def _kd_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], labels: Option
     V = w_s.shape[0]
     dev, dt = h_s.device, h_s.dtype
     fused_teacher = t_logits is None
+    acc_dtype = torch.float32 if grad_weight_fp32 else w_s.dtype
     if chunk_rows <= 0:
-        chunk_rows = _auto_chunk_rows(N, V, d_s, h_t.shape[1] if fused_teacher else 0)
+        grad_bytes = (h_s.numel() * h_s.element_size() * need_dh
+                      + V * d_s * torch.empty((), dtype=acc_dtype).element_size() * need_dw + 4 * V * need_db)
+        chunk_rows = _auto_chunk_rows(N, V, d_s, h_t.shape[1] if fused_teacher else 0, h_s.element_size(),
+                                      grad_bytes)
     write_grad = need_dh or need_dw or need_db
     with torch.no_grad():
         s_buf = torch.empty(min(chunk_rows, N), V, dtype=dt, device=dev)
@@ -172,9 +198,10 @@ def _kd_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], labels: Option
             t_buf = torch.empty(min(chunk_rows, N), V, dtype=h_t.dtype, device=dev)
         loss_rows = torch.empty(N, dtype=torch.float32, device=dev)
         dh = torch.empty_like(h_s) if need_dh else h_s.new_empty(0)
-        acc_dtype = torch.float32 if grad_weight_fp32 else w_s.dtype
-        dw = torch.zeros(V, d_s, dtype=acc_dtype, device=dev) if need_dw else h_s.new_empty(0)
-        db = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else h_s.new_empty(0)
+        # the first chunk writes dW and db (beta = 0); later chunks add to them
+        alloc = torch.empty if N > 0 else torch.zeros
+        dw = alloc(V, d_s, dtype=acc_dtype, device=dev) if need_dw else h_s.new_empty(0)
+        db = alloc(V, dtype=torch.float32, device=dev) if need_db else h_s.new_empty(0)
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
             hs = h_s[start:end]
@@ -199,9 +226,12 @@ def _kd_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], labels: Option
             if need_dh:
                 torch.mm(s, w_s, out=dh[start:end])
             if need_dw:
-                _accumulate_grad_weight(dw, s, hs)
+                _accumulate_grad_weight(dw, s, hs, first=start == 0)
             if need_db:
-                db.add_(s.sum(0, dtype=torch.float32))
+                if start == 0:
+                    torch.sum(s, 0, dtype=torch.float32, out=db)
+                else:
+                    db.add_(s.sum(0, dtype=torch.float32))
         loss = loss_rows.sum()
         if need_dw and dw.dtype != w_s.dtype:
             dw = dw.to(w_s.dtype)
@@ -230,12 +260,9 @@ def _backward(ctx, d_loss, _ddh, _ddw, _ddb):
     need_dh, need_dw, need_db = ctx.need
     out = [None] * 20
 
-    def scaled(g):
-        return (g * d_loss).to(g.dtype)
-
-    out[0] = scaled(dh) if need_dh and ctx.needs_input_grad[0] else None
-    out[1] = scaled(dw) if need_dw and ctx.needs_input_grad[1] else None
-    out[2] = scaled(db) if need_db and ctx.needs_input_grad[2] else None
+    wanted = [g if need and ctx.needs_input_grad[i] else None
+              for i, (g, need) in enumerate(((dh, need_dh), (dw, need_dw), (db, need_db)))]
+    out[:3] = scale_saved_grads(ctx, wanted, d_loss, "kd_loss")
     return tuple(out)
 
 
