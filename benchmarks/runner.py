@@ -13,6 +13,7 @@ import csv
 import datetime as _dt
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -23,13 +24,15 @@ from typing import Callable
 
 import torch
 
-CSV_FIELDS = ["date", "device", "op", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
-              "peak_mib", "ratio_to_eager", "pct_sol", "max_rel_err", "note"]
-CASE_MODULES = [".cases_lowrank", ".cases_clone", ".cases_kd"]  # relative to this package
+from lrkd_fast.ops.cost_model import H200, roofline_seconds
 
-# Ceilings measured on the H200 (PERFORMANCE.md); speed-of-light = max(flops/peak, bytes/bandwidth).
-H200_TFLOPS = 782.0
-H200_TBPS = 4.25
+CSV_FIELDS = ["date", "device", "op", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
+              "peak_mib", "ratio_to_eager", "sol_ms", "pct_sol", "max_rel_err", "note"]
+CASE_MODULES = [".cases_lowrank", ".cases_clone", ".cases_kd"]  # relative to this package
+# Provider families a user can select with --providers (a provider belongs to the family its name
+# starts with, e.g. "liger chunked JSD(beta=0)+CE" to "liger", "lrkd_fast[decode]" to "lrkd_fast").
+PROVIDER_FAMILIES = ("eager", "torch.compile", "lrkd_fast", "liger", "dense")
+NOT_TIMED_CPU = "not timed: Triton interpreter (value checked against eager)"
 
 
 @dataclass
@@ -42,6 +45,13 @@ class Case:
     flops: float = 0.0
     bytes: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sol_ms(self) -> float | None:
+        """Speed of light on the H200 (max of FLOPs / 782 TFLOP/s and bytes / 4.25 TB/s), in ms."""
+        if not (self.flops or self.bytes):
+            return None
+        return roofline_seconds(self.flops, self.bytes, H200) * 1e3
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Row:
     p80_ms: float | None = None
     peak_mib: float | None = None
     ratio_to_eager: float | None = None
+    sol_ms: float | None = None
     pct_sol: float | None = None
     max_rel_err: float | None = None
     note: str = ""
@@ -121,14 +132,24 @@ def _quantile(xs, q):
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def provider_family(name: str) -> str:
+    return next((f for f in PROVIDER_FAMILIES if name == f or name.startswith(f + " ") or name.startswith(f + "[")),
+                name)
+
+
+def _selected(name: str, providers) -> bool:
+    return not providers or name == "eager" or provider_family(name) in providers
+
+
 def run_case(case: Case, device: str, warmup: int, iters: int, providers=None, progress=None) -> list[Row]:
     date = _dt.date.today().isoformat()
     dev_name = device_name(device)
     rows, ref = [], None
     for name, setup in case.providers.items():
-        if providers and name not in providers and name != "eager":
+        if not _selected(name, providers):
             continue
-        row = Row(date, dev_name, case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, name)
+        row = Row(date, dev_name, case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, name,
+                  sol_ms=case.sol_ms)
         if name in case.notes:
             row.note = case.notes[name]
             rows.append(row)
@@ -144,15 +165,15 @@ def run_case(case: Case, device: str, warmup: int, iters: int, providers=None, p
                 row.max_rel_err = 0.0
             elif ref is not None and "(context)" not in name:
                 row.max_rel_err = max_rel_err(out, ref)
-            times, peak = time_fn(run, device, warmup, iters)
-            row.median_ms = statistics.median(times)
-            row.p20_ms, row.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
-            row.peak_mib = peak
-            if device == "cpu" and name == "lrkd_fast":
-                row.note = "Triton interpreter: checked for correctness, time not meaningful"
-            if device == "cuda" and (case.flops or case.bytes):
-                sol_ms = max(case.flops / (H200_TFLOPS * 1e12), case.bytes / (H200_TBPS * 1e12)) * 1e3
-                row.pct_sol = 100.0 * sol_ms / row.median_ms
+            if device == "cpu" and provider_family(name) == "lrkd_fast":
+                row.note = NOT_TIMED_CPU  # the interpreter runs kernels through numpy: no timing
+            else:
+                times, peak = time_fn(run, device, warmup, iters)
+                row.median_ms = statistics.median(times)
+                row.p20_ms, row.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
+                row.peak_mib = peak
+                if device == "cuda" and row.sol_ms:
+                    row.pct_sol = 100.0 * row.sol_ms / row.median_ms
         except Exception as exc:  # one failing provider must not cost the others
             row.note = f"error: {type(exc).__name__}: {str(exc)[:160]}"
         finally:
@@ -170,7 +191,9 @@ def run_case(case: Case, device: str, warmup: int, iters: int, providers=None, p
     return rows
 
 
-def collect_cases(device: str, small: bool, ops=None) -> list[Case]:
+def collect_cases(device: str, small: bool, ops=None, build_only: bool = False) -> list[Case]:
+    """Every case of every case file (``build_only``: for the roofline, no device is touched, as
+    providers make their inputs only when run)."""
     cases = []
     for mod_name in CASE_MODULES:
         try:
@@ -189,14 +212,35 @@ def _fmt(v, spec):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "dtype", "mode", "provider", "median ms", "peak MiB", "x eager", "% SoL", "rel err", "note"]
-    body = [[r.op, r.shape, r.dtype, r.mode, r.provider, _fmt(r.median_ms, ".4g"), _fmt(r.peak_mib, ".1f"),
-             _fmt(r.ratio_to_eager, ".2f"), _fmt(r.pct_sol, ".0f"), _fmt(r.max_rel_err, ".1e"), r.note] for r in rows]
+def _table(head, body) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + body]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["op", "shape", "dtype", "mode", "provider", "median ms", "peak MiB", "x eager", "% SoL", "rel err", "note"]
+    body = [[r.op, r.shape, r.dtype, r.mode, r.provider, _fmt(r.median_ms, ".4g"), _fmt(r.peak_mib, ".1f"),
+             _fmt(r.ratio_to_eager, ".2f"), _fmt(r.pct_sol, ".0f"), _fmt(r.max_rel_err, ".1e"), r.note] for r in rows]
+    return _table(head, body)
+
+
+def roofline_table(cases: list[Case] | None = None, ops=None) -> str:
+    """The model's speed of light of every case (default: the canonical GPU shapes) on the H200:
+    what each kernel must reach, printed without running anything."""
+    cases = cases if cases is not None else collect_cases("cuda", small=False, ops=ops, build_only=True)
+    head = ["op", "shape", "mode", "GFLOP", "MB moved", "SoL us", "bound by"]
+    body = []
+    for c in cases:
+        if c.sol_ms is None:
+            continue
+        compute = c.flops / H200.peak_flops >= c.bytes / H200.bandwidth
+        body.append([c.op, c.shape, c.mode, f"{c.flops / 1e9:.1f}", f"{c.bytes / 1e6:.1f}", f"{c.sol_ms * 1e3:.1f}",
+                     "FLOPs" if compute else "bytes"])
+    title = (f"speed of light on {H200.name} ({H200.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+             f"{H200.bandwidth / 1e12:.2f} TB/s): max(FLOPs / peak, bytes / bandwidth)")
+    return title + "\n" + _table(head, body)
 
 
 def write_csv(rows: list[Row], path: str) -> None:
@@ -219,7 +263,7 @@ def plot(rows: list[Row], path: str) -> None:
     providers = list(dict.fromkeys(r.provider for r in timed))
     if not cases:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(cases) + 3), 6))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         xs, ys = [], []
@@ -230,11 +274,13 @@ def plot(rows: list[Row], path: str) -> None:
                 ys.append(r.median_ms)
         ax.bar(xs, ys, width, label=p)
     ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{op}\n{shape}\n{mode}" for op, shape, mode in cases], fontsize=7)
+    ax.set_xticklabels([f"{op} {mode}\n{shape}" for op, shape, mode in cases], fontsize=8, rotation=35, ha="right")
     ax.set_yscale("log")
-    ax.set_ylabel("median ms (log)")
-    ax.set_title(f"lrkd_fast benchmarks on {timed[0].device} ({timed[0].date})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("median time per call, ms (log scale)")
+    untimed = sorted({r.provider for r in rows if r.note == NOT_TIMED_CPU})
+    subtitle = f"\nnot drawn: {', '.join(untimed)} (Triton interpreter, not timed)" if untimed else ""
+    ax.set_title(f"lrkd_fast benchmarks on {timed[0].device} ({timed[0].date}){subtitle}", fontsize=9)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -253,9 +299,17 @@ def run(device: str | None = None, small: bool | None = None, ops=None, provider
     small = (device == "cpu") if small is None else small
     warmup = warmup if warmup is not None else (3 if device == "cuda" else 2)
     iters = iters if iters is not None else (20 if device == "cuda" else 10)
+    if providers:
+        unknown = [p for p in providers if p not in PROVIDER_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {unknown}; valid: {', '.join(PROVIDER_FAMILIES)}")
+        if "liger" in providers and importlib.util.find_spec("liger_kernel") is None:
+            print("note: --providers liger: liger-kernel is not installed here (pip install liger-kernel), "
+                  "so there are no Liger rows")
     cases = collect_cases(device, small, ops)
     if not cases:
-        raise ValueError(f"no benchmark case matches ops={ops!r}")
+        valid = sorted({c.op for c in collect_cases(device, small, build_only=True)})
+        raise ValueError(f"no benchmark case matches ops={ops!r}; valid ops: {', '.join(valid)}")
     n = sum(len(c.providers) for c in cases)
     rows = []
     with tqdm(total=n, desc="benchmarks", disable=quiet) as bar:
@@ -268,7 +322,10 @@ def run(device: str | None = None, small: bool | None = None, ops=None, provider
         print(f"device: {device_name(device)}   torch {torch.__version__}")
         if device == "cpu":
             print("note: lrkd_fast's Triton kernels need a GPU for meaningful timings; on CPU the Triton "
-                  "interpreter is for correctness only, so the lrkd_fast rows are not timed here.")
+                  "interpreter is for correctness only, so the lrkd_fast rows are checked, not timed.")
         print(format_table(rows))
+        if device == "cpu":
+            print()
+            print(roofline_table(ops=ops))
         print(f"wrote {os.path.join(out_dir, 'results.csv')} and results.png")
     return rows
