@@ -79,14 +79,18 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
         mask = cols < V
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        # A block of -inf logits (a masked vocabulary) leaves the running max at -inf: shift by 0
+        # instead, so exp(-inf - -inf) never makes a NaN.
         m_s_new = tl.maximum(m_s, tl.max(s, 0))
-        z_sT = z_sT * tl.exp((m_s - m_s_new) * inv_T) + tl.sum(tl.exp((s - m_s_new) * inv_T), 0)
+        sh_s = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
+        z_sT = z_sT * tl.exp((m_s - sh_s) * inv_T) + tl.sum(tl.exp((s - sh_s) * inv_T), 0)
         if HAS_CE:
-            z_s1 = z_s1 * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), 0)
+            z_s1 = z_s1 * tl.exp(m_s - sh_s) + tl.sum(tl.exp(s - sh_s), 0)
             s_label += tl.sum(tl.where(cols == label, s, 0.0), 0)
         m_s = m_s_new
         m_t_new = tl.maximum(m_t, tl.max(t, 0))
-        z_tT = z_tT * tl.exp((m_t - m_t_new) * inv_T) + tl.sum(tl.exp((t - m_t_new) * inv_T), 0)
+        sh_t = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
+        z_tT = z_tT * tl.exp((m_t - sh_t) * inv_T) + tl.sum(tl.exp((t - sh_t) * inv_T), 0)
         m_t = m_t_new
     log_z_sT = tl.log(z_sT)
     log_z_tT = tl.log(z_tT)
@@ -101,10 +105,11 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
         s, log_q, log_p = _log_probs(s_row, t_row, cols, mask, m_s, m_t, inv_T, log_z_sT, log_z_tT)
         q = tl.exp(log_q)
         p = tl.exp(log_p)
+        # 0 log 0 = 0: a teacher (forward) or student (reverse) logit of -inf adds nothing
         if REVERSE:
-            kl += tl.sum(tl.where(mask, q * (log_q - log_p), 0.0), 0)
+            kl += tl.sum(tl.where(mask & (q > 0), q * (log_q - log_p), 0.0), 0)
         else:
-            kl += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), 0)
+            kl += tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), 0)
             if WRITE_GRAD:
                 g = (kl_coef * inv_T) * (q - p)
                 if HAS_CE:
@@ -120,13 +125,14 @@ def _kd_loss_rows_kernel(s_ptr, t_ptr, labels_ptr, scales_ptr, loss_ptr,
                 mask = cols < V
                 s, log_q, log_p = _log_probs(s_row, t_row, cols, mask, m_s, m_t, inv_T, log_z_sT, log_z_tT)
                 q = tl.exp(log_q)
-                g = (kl_coef * inv_T) * q * (log_q - log_p - kl)
+                # a row that does not count gets 0 even where its KL is infinite (0 * inf)
+                g = tl.where(kl_coef != 0, (kl_coef * inv_T) * q * (log_q - log_p - kl), 0.0)
                 if HAS_CE:
                     p1 = tl.exp((s - m_s) - log_z_s1)
                     g += ce_coef * (p1 - tl.where(cols == label, 1.0, 0.0))
                 tl.store(s_row + cols, g.to(s_ptr.dtype.element_ty), mask=mask)
 
-    loss = kl_coef * kl
+    loss = tl.where(kl_coef != 0, kl_coef * kl, 0.0)
     if HAS_CE:
         loss += ce_coef * (log_z_s1 - (s_label - m_s))
     tl.store(loss_ptr + row, loss)

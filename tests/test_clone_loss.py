@@ -269,3 +269,12 @@ def test_per_term_constants_are_made_once_per_value():
     a = _device_constants((1.0, 2.0), torch.device(DEVICE))
     assert a is _device_constants((1.0, 2.0), torch.device(DEVICE))
     assert a.tolist() == [1.0, 2.0] and a.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_empty_batch_without_mask_is_zero_on_every_backend(backend):
+    s = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    with lrkd_fast.set_backend(backend):
+        loss = clone_loss([(s, torch.randn(0, 5, device=DEVICE))])
+    loss.backward()
+    assert loss.item() == 0.0 and s.grad.shape == (0, 5)

@@ -386,3 +386,34 @@ def test_chunk_rows_fill_the_memory_budget_at_the_canonical_shape():
     # small problems: one chunk; a budget smaller than the gradients still makes progress
     assert _auto_chunk_rows(16, 1037, 24, 40, 4, 0) == 16
     assert _auto_chunk_rows(1000, V, d_s, d_t, 2, 2 * KD_MEMORY_BUDGET) == 128
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_masked_teacher_vocabulary_of_minus_inf(reverse):
+    # a teacher that rules tokens out (-inf logits, including a whole first vocabulary block):
+    # 0 log 0 = 0, so the loss and every gradient stay finite and match the reference
+    inp = make(N=6, V=600)
+    t = inp["student_hidden"].new_tensor(torch.randn(6, 600)).detach()
+    t[:, :40] = float("-inf")
+    t[0, :300] = float("-inf")
+    inp = dict(inp, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=t)
+    if not reverse:
+        loss, _ = check(inp, temperature=2.0, chunk_size=4)
+        assert torch.isfinite(loss)
+        return
+    # reverse: the student puts mass where the teacher has none, so KL(q || p) is infinite on both
+    for backend in ("eager", "triton"):
+        with lrkd_fast.set_backend(backend):
+            r = kd_loss(inp["student_hidden"], inp["student_weight"], inp["labels"], teacher_logits=t,
+                        student_bias=inp["student_bias"], temperature=2.0, reverse=True, chunk_size=4)
+        assert torch.isinf(r) and r > 0, backend
+
+
+@pytest.mark.parametrize("T", [float("inf"), float("nan"), 0.0, -1.0])
+def test_non_finite_or_non_positive_temperature_is_rejected(T):
+    inp = make(N=4)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        kd_loss(inp["student_hidden"], inp["student_weight"], inp["labels"], teacher_hidden=inp["teacher_hidden"],
+                teacher_weight=inp["teacher_weight"], temperature=T)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        KDLoss(temperature=T)

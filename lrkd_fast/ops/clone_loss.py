@@ -70,7 +70,10 @@ def clone_loss_reference(pairs, alpha: float = 1.0, mask: Optional[Tensor] = Non
         pred = t if proj is None else t @ proj
         s32, pred32 = s.to(cdt), pred.to(cdt)
         if mask is None:
-            terms.append(F.mse_loss(s32, pred32, reduction=reduction))
+            if s.numel() == 0:  # a mean over no elements is 0, as when every row is masked
+                terms.append((s32 - pred32).square().sum())
+            else:
+                terms.append(F.mse_loss(s32, pred32, reduction=reduction))
             continue
         rows = s.shape[:-1].numel()
         keep = _mask_rows(mask, rows).to(s.device)
@@ -283,7 +286,8 @@ def clone_loss(pairs, alpha: float = 1.0, mask: Optional[Tensor] = None, reducti
         return_terms: also return the detached fp32 tensor (n_pairs,) of unweighted terms.
     Returns:
         the 0-dim loss ``alpha * sum_i weights[i] * term_i`` (fp32; fp64 for fp64 inputs), and
-        ``terms`` when ``return_terms``. Everything masked: loss 0 and zero gradients.
+        ``terms`` when ``return_terms``. Everything masked, or an empty batch: loss 0 and zero
+        gradients (on every backend).
     """
     if isinstance(pairs, (list, tuple)):
         pairs = _autocast_pairs(pairs)

@@ -45,6 +45,7 @@ teacher_logits.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -109,10 +110,10 @@ def kd_loss_reference(student_hidden: Tensor, student_weight: Tensor, labels: Op
         t = t[:, :V].to(work)  # teacher_vocab="truncate": softmax over the first V teacher logits
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
-    if reverse:
-        kl_rows = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
-    else:
-        kl_rows = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    # sum_j a_j (log a_j - log b_j) with 0 log 0 = 0: a vocabulary masked to -inf contributes nothing
+    log_a, log_b = (log_q, log_p) if reverse else (log_p, log_q)
+    a = log_a.exp()
+    kl_rows = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
     lab = labels.reshape(-1).long() if labels is not None else None
     scales = _reduction_scales(lab, s.shape[0], s.device, ignore_index=ignore_index, kl_on_ignored=kl_on_ignored,
                                reduction=reduction, ce_reduction=ce_reduction, batch_size=batch_size).to(work)
@@ -271,6 +272,12 @@ torch.library.register_autograd("lrkd_fast::kd_loss_fused", _backward, setup_con
 
 # ---------------------------------------------------------------------------- validation
 
+def _check_temperature(temperature) -> None:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or not temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
 def _resolve_reductions(student_hidden, reduction, ce_reduction, batch_size):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -309,8 +316,7 @@ def _validate(student_hidden, student_weight, labels, teacher_hidden, teacher_we
             raise ValueError(f"student_bias must have V={V} elements, got shape {tuple(student_bias.shape)}")
     check_same(("student_hidden", "student_weight", "student_bias"), (student_hidden, student_weight, student_bias))
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    _check_temperature(temperature)
     if teacher_vocab not in TEACHER_VOCAB:
         raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCAB}, got {teacher_vocab!r}")
 
@@ -478,8 +484,7 @@ class KDLoss(nn.Module):
                             grad_weight_fp32=grad_weight_fp32)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        _check_temperature(temperature)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, labels: Optional[Tensor] = None, *,
                 teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
