@@ -107,6 +107,82 @@ def _chain_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr,
 
 
 @triton.jit
+def _decode_produce(a_ptr, b_ptr, ws_ptr, sync_ptr, pid, M, K, R, K_PER_SPLIT, s_am, s_ak, s_bk, s_br,
+                    N_CHUNKS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial t = A @ B for rank chunk ``pid % N_CHUNKS`` over reduction slice ``pid // N_CHUNKS``."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    chunk = pid % N_CHUNKS
+    ks = pid // N_CHUNKS
+    offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_lo = ks * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < k_hi
+        a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + offs_r[None, :] * s_br,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    ws_row: tl.constexpr = N_CHUNKS * BLOCK_R
+    tl.store(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :], acc)
+    # release: the partial is visible to whoever sees the incremented count
+    tl.atomic_add(sync_ptr, 1, sem="release")
+
+
+@triton.jit
+def _decode_consume(c_ptr, bias_ptr, out_ptr, t_ptr, ws_ptr, sync_ptr, col_block, M, R, N,
+                    s_cr, s_cn, s_bias, s_om, s_on, s_tm, s_tr,
+                    N_CHUNKS: tl.constexpr, K_SPLIT: tl.constexpr, N_COL_BLOCKS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, DOT_FP32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns [col_block * BLOCK_N, +BLOCK_N) of out = t @ C (+ bias), once every partial is in."""
+    n_producers: tl.constexpr = N_CHUNKS * K_SPLIT
+    ws_row: tl.constexpr = N_CHUNKS * BLOCK_R
+    # Producers have lower program ids, so they are scheduled first and never wait on us.
+    while tl.atomic_add(sync_ptr, 0, sem="acquire") < n_producers:
+        pass
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for chunk in range(0, N_CHUNKS):
+        offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for ks in range(0, K_SPLIT):  # fixed order: deterministic
+            part += tl.load(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :],
+                            cache_modifier=".cg")
+        t = part.to(out_ptr.dtype.element_ty)  # rounded as two matmuls would round x U
+        if STORE_T:
+            if col_block == 0:
+                tl.store(t_ptr + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr, t,
+                         mask=m_mask[:, None] & r_mask[None, :])
+        c = tl.load(c_ptr + offs_r[:, None] * s_cr + offs_n[None, :] * s_cn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            t = t.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(t, c, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * s_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    # the last consumer resets both counters, so the next launch starts from zero
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == N_COL_BLOCKS - 1:
+        tl.atomic_xchg(sync_ptr + 1, 0)
+        tl.atomic_xchg(sync_ptr, 0)
+
+
+@triton.jit
 def _decode_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr, ws_ptr, sync_ptr,
                    M, K, R, N, K_PER_SPLIT,
                    s_am, s_ak, s_bk, s_br, s_cr, s_cn, s_bias, s_om, s_on, s_tm, s_tr,
@@ -114,70 +190,15 @@ def _decode_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, out_ptr, t_ptr, ws_ptr, sync_p
                    HAS_BIAS: tl.constexpr, STORE_T: tl.constexpr, DOT_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    n_producers: tl.constexpr = N_CHUNKS * K_SPLIT
     # ws: (K_SPLIT, BLOCK_M, N_CHUNKS * BLOCK_R) fp32 partials of t = A @ B, contiguous
-    ws_row: tl.constexpr = N_CHUNKS * BLOCK_R
-    if pid < n_producers:
-        # ---- phase 1: partial t for rank chunk `chunk` over reduction slice `ks`
-        chunk = pid % N_CHUNKS
-        ks = pid // N_CHUNKS
-        offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        k_lo = ks * K_PER_SPLIT
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = kk < k_hi
-            a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptr + kk[:, None] * s_bk + offs_r[None, :] * s_br,
-                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        tl.store(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :], acc)
-        # release: the partial is visible to whoever sees the incremented count
-        tl.atomic_add(sync_ptr, 1, sem="release")
+    pid = tl.program_id(0)
+    if pid < N_CHUNKS * K_SPLIT:
+        _decode_produce(a_ptr, b_ptr, ws_ptr, sync_ptr, pid, M, K, R, K_PER_SPLIT, s_am, s_ak, s_bk, s_br,
+                        N_CHUNKS, DOT_FP32, BLOCK_M, BLOCK_R, BLOCK_K)
     else:
-        # ---- phase 2: columns [col0, col0 + BLOCK_N) of out = t @ C (+ bias)
-        col_block = pid - n_producers
-        # Producers have lower program ids, so they are scheduled first and never wait on us.
-        while tl.atomic_add(sync_ptr, 0, sem="acquire") < n_producers:
-            pass
-        offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for chunk in range(0, N_CHUNKS):
-            offs_r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for ks in range(0, K_SPLIT):  # fixed order: deterministic
-                part += tl.load(ws_ptr + ks * BLOCK_M * ws_row + offs_m[:, None] * ws_row + offs_r[None, :],
-                                cache_modifier=".cg")
-            t = part.to(out_ptr.dtype.element_ty)  # rounded as two matmuls would round x U
-            if STORE_T:
-                if col_block == 0:
-                    tl.store(t_ptr + offs_m[:, None] * s_tm + offs_r[None, :] * s_tr, t,
-                             mask=m_mask[:, None] & r_mask[None, :])
-            c = tl.load(c_ptr + offs_r[:, None] * s_cr + offs_n[None, :] * s_cn,
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if DOT_FP32:
-                t = t.to(tl.float32)
-                c = c.to(tl.float32)
-            acc = tl.dot(t, c, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n * s_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-        # the last consumer resets both counters, so the next launch starts from zero
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == N_COL_BLOCKS - 1:
-            tl.atomic_xchg(sync_ptr + 1, 0)
-            tl.atomic_xchg(sync_ptr, 0)
+        _decode_consume(c_ptr, bias_ptr, out_ptr, t_ptr, ws_ptr, sync_ptr, pid - N_CHUNKS * K_SPLIT, M, R, N,
+                        s_cr, s_cn, s_bias, s_om, s_on, s_tm, s_tr, N_CHUNKS, K_SPLIT, N_COL_BLOCKS,
+                        HAS_BIAS, STORE_T, DOT_FP32, BLOCK_M, BLOCK_R, BLOCK_N)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:

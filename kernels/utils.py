@@ -90,17 +90,21 @@ def autotune(configs, key, resources, **kwargs):
 
     ``configs``: the GPU candidates, smallest (interpreter-friendly) first. Under the interpreter
     only that first one is used (the autotuner needs a GPU to benchmark).
-    ``resources(config, named_args) -> (shared bytes, fp32 accumulator registers per thread)``:
-    an estimate, used to prune before benchmarking; ``benchmarks.compile_check`` compiles every
+    ``resources(config, args) -> (shared bytes, fp32 accumulator registers per thread)``, with
+    ``args`` every argument of the launch by name (positional and keyword): an estimate, used to prune before benchmarking; ``benchmarks.compile_check`` compiles every
     config that passes it for sm_90 and sm_80 and fails if one spills or overflows.
 
-    The returned kernel carries ``gpu_configs`` (the whole candidate list) and ``resources``.
+    The returned kernel carries ``gpu_configs`` (the whole candidate list), ``resources`` and
+    ``prune`` (the rule as the autotuner calls it: ``prune(configs, named_args, **kwargs)``).
     """
-    def prune(cfgs, named_args, **_):
-        dev = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    def prune(cfgs, named_args, **kwargs):
+        # the autotuner passes positional arguments as named_args and the launch's keyword
+        # arguments (the constexprs a launcher sets) separately: the rules see both
+        args = {**named_args, **kwargs}
+        dev = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
         limit = device_shared_limit(dev.device.index or 0) if dev is not None and dev.is_cuda else SHARED_LIMIT["sm_90"]
-        kept = [c for c in cfgs if fits(kernel, c, named_args, limit)]
-        return kept or [min(cfgs, key=lambda c: resources(c, named_args))]
+        kept = [c for c in cfgs if fits(kernel, c, args, limit)]
+        return kept or [min(cfgs, key=lambda c: resources(c, args))]
 
     def wrap(fn):
         nonlocal kernel
@@ -108,6 +112,7 @@ def autotune(configs, key, resources, **kwargs):
                                  prune_configs_by={"early_config_prune": prune}, **kwargs)(fn)
         kernel.gpu_configs = list(configs)
         kernel.resources = resources
+        kernel.prune = prune
         return kernel
 
     kernel = None

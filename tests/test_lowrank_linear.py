@@ -311,3 +311,21 @@ def test_property_any_shape_matches_float64(m, d_in, r, d_out, bias, seed, path)
                 assert_close_rel(t.grad, r64.grad, torch.float32, "grad")
     else:
         assert y.shape == (0, d_out) and not U.grad.any() and not V.grad.any()
+
+
+def test_chain_autotune_list_is_pruned_to_configs_that_fit():
+    from lrkd_fast.kernels.matmul import _chain_kernel
+
+    # as the autotuner calls the rule: positional arguments by name, the launcher's constexprs apart
+    named = {"a_ptr": torch.empty(0, dtype=torch.bfloat16, device="meta"), "M": 8192, "K": 4096, "R": 256, "N": 4096}
+    kept = _chain_kernel.prune(_chain_kernel.gpu_configs, named, BLOCK_R=256, DOT_FP32=False)
+    assert kept and len(kept) < len(_chain_kernel.gpu_configs)
+    for c in kept:
+        shared, regs = _chain_kernel.resources(c, {**named, "BLOCK_R": 256, "DOT_FP32": False})
+        assert shared <= 232_448 and regs <= 128
+    # a 128-row block with four warps would hold 256 fp32 accumulators per thread: never kept
+    assert not any(c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 for c in kept)
+    # fp32 operands double every buffer: fewer configs fit
+    kept32 = _chain_kernel.prune(_chain_kernel.gpu_configs, {**named, "a_ptr": torch.empty(0, device="meta")},
+                                 BLOCK_R=256, DOT_FP32=False)
+    assert len(kept32) < len(kept)
