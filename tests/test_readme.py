@@ -99,3 +99,42 @@ def test_links_point_into_the_repository():
         if not target.startswith("http"):
             assert (ROOT / target).exists(), f"README links to a missing file: {target}"
             assert not target.startswith(".."), f"README links outside the repository: {target}"
+
+
+DOCS = [ROOT / "docs" / "experiments.md"] + sorted((ROOT / "benchmarks" / "results").glob("*/README.md"))
+RUNNER = "python -m benchmarks.swap_variants"
+
+
+def _runner_commands():
+    """Every swap_variants command the docs and the results CSV give (`...` abbreviates the runner)."""
+    import csv
+
+    cmds = []
+    for doc in DOCS:
+        for span in re.findall(r"`([^`]+)`", doc.read_text(encoding="utf-8")):
+            span = RUNNER + span[3:] if span.startswith("... ") else span
+            if span.startswith(RUNNER + " ") and "NAME" not in span:
+                cmds.append(span)
+    with open(ROOT / "benchmarks" / "results" / "swap_variants" / "variants.csv", newline="") as f:
+        cmds += [row["command"] for row in csv.DictReader(f) if row["command"]]
+    return cmds
+
+
+def test_documented_experiment_commands_parse():
+    from benchmarks.swap_variants import build_parser
+
+    cmds = _runner_commands()
+    assert len(cmds) > 40
+    for cmd in cmds:
+        words = shlex.split(cmd)
+        try:
+            build_parser().parse_args(words[3:])
+        except SystemExit as exc:
+            raise AssertionError(f"documented command does not parse: {cmd}") from exc
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md"] + DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_describe_the_project_not_its_history(path):
+    text = path.read_text(encoding="utf-8")
+    for pattern in (r"\bsession\s*\d", r"\.\./shared", r"/tmp/", r"\bthe \w+ goal\b", r"\bearlier peak lr\b"):
+        assert not re.search(pattern, text, re.I), f"{path.name}: {pattern!r}"
