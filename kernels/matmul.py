@@ -52,9 +52,13 @@ def _chain_resources(cfg, args):
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     br = args["BLOCK_R"]
     threads = 32 * cfg.num_warps
-    # phase 1 pipelines A and B tiles; phase 2 pipelines C tiles with t staged for the MMA
-    shared = max(cfg.num_stages * (bm * bk + bk * br) * e, cfg.num_stages * br * bn * e + bm * br * e)
-    regs = max(bm * br, bm * bn + bm * br * e // 4) // threads
+    # phase 1 pipelines A and B tiles; phase 2 pipelines C tiles, with t staged for the MMA and
+    # the output tile staged for the store (this sum matches the compiled kernels' shared memory)
+    shared = max(cfg.num_stages * (bm * bk + bk * br) * e,
+                 cfg.num_stages * br * bn * e + bm * br * e + bm * bn * e)
+    # phase 2 holds its accumulator and t as an operand at once, plus the column sweep's addresses
+    # and masks (+16 per thread: with less headroom the sm_90 compile check saw spills)
+    regs = max(bm * br // threads, (bm * bn + bm * br * e // 4) // threads + 16)
     return shared, regs
 
 
