@@ -42,20 +42,21 @@ def _is_int(v) -> bool:
 
 @dataclass(kw_only=True)
 class Recipe:
-    """Settings every recipe has. ``heldout=None`` holds out 10% of the texts, at most 512; ``steps``
+    """Settings every recipe has (a base: each recipe sets the defaults of its own). ``heldout=None`` holds out 10% of the texts, at most 512; ``steps``
     fixes the run's length, ``minutes`` optionally caps it. ``save_worse=False`` saves the start
     instead of the distilled student when distillation made held-out fidelity worse."""
 
     teacher: Optional[str] = None  # model folder or offline-cached hub name; None = packaged all-MiniLM-L6-v2
     data: Optional[str] = None  # text file (one text per line) or .jsonl; None = CPython's pydoc topics
-    calib_texts: int = 1024
+    # each recipe gives these its own default
+    calib_texts: int
+    steps: int
+    lr: float
+    batch_size: int
+    output: str
     heldout: Optional[int] = None
-    steps: int = 800
     minutes: Optional[float] = None
-    lr: float = 1e-3
-    batch_size: int = 16
     seq_len: int = 128
-    output: str = "runs/student"
     device: Optional[str] = None
     seed: int = 0
     resume: Optional[str] = None
