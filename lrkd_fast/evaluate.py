@@ -1,28 +1,28 @@
-"""Fidelity of a student to its teacher on held-out text."""
+"""Fidelity of a student to its teacher on held-out text, and how fast each runs."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mean_pool", "sentence_embeddings", "EmbeddingFidelity", "embedding_fidelity"]
+from .model_utils import is_causal_lm, last_hidden_state
+
+__all__ = ["EmbeddingFidelity", "embedding_fidelity", "mean_pool", "readout_fidelity", "sentence_embeddings",
+           "throughput"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over real (unmasked) tokens: (B, L, H) -> (B, H); sentence-transformers' pooling."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, L, H), got shape {tuple(hidden.shape)}")
     if attention_mask is None:
         return hidden.mean(1)
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask must be (B, L) = {tuple(hidden.shape[:2])}, got {tuple(attention_mask.shape)}")
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
-def _last_hidden(out):
-    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
-        return out.last_hidden_state
-    if hasattr(out, "hidden_states") and out.hidden_states is not None:
-        return out.hidden_states[-1]
-    return out[0]
 
 
 @torch.no_grad()
@@ -34,9 +34,11 @@ def sentence_embeddings(model, batches) -> torch.Tensor:
     try:
         for b in batches:
             out = model(**b, output_hidden_states=True)
-            outs.append(F.normalize(mean_pool(_last_hidden(out).float(), b.get("attention_mask")), dim=-1))
+            outs.append(F.normalize(mean_pool(last_hidden_state(out).float(), b.get("attention_mask")), dim=-1))
     finally:
         model.train(was)
+    if not outs:
+        raise ValueError("batches is empty: no texts to embed")
     return torch.cat(outs)
 
 
@@ -60,3 +62,76 @@ def embedding_fidelity(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> 
     nn_s = (student_emb @ student_emb.t()).masked_fill(eye, -2).argmax(-1)
     nn_t = (teacher_emb @ teacher_emb.t()).masked_fill(eye, -2).argmax(-1)
     return EmbeddingFidelity(cos.mean().item(), cos.min().item(), (nn_s == nn_t).float().mean().item(), len(cos))
+
+
+def _ridge(S: torch.Tensor, T: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:
+    S, T = S.double(), T.double()
+    A = S.t() @ S
+    A += lam * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(A, S.t() @ T)
+
+
+def readout_fidelity(s_fit, t_fit, s_held, t_held) -> EmbeddingFidelity:
+    """Fidelity of a student whose embeddings have another width than the teacher's: held-out student
+    embeddings mapped to the teacher's space by a ridge read-out (least squares, student -> teacher)
+    fitted on (``s_fit``, ``t_fit``), embeddings of other texts. The read-out cannot be gamed by
+    the student: it only sees the fit texts."""
+    if s_fit.shape[0] != t_fit.shape[0] or s_held.shape[0] != t_held.shape[0]:
+        raise ValueError(f"student and teacher embeddings must cover the same texts, got {s_fit.shape[0]} vs "
+                         f"{t_fit.shape[0]} fit and {s_held.shape[0]} vs {t_held.shape[0]} held-out rows")
+    if s_fit.shape[1] != s_held.shape[1] or t_fit.shape[1] != t_held.shape[1]:
+        raise ValueError("fit and held-out embeddings must have the same widths")
+    W = _ridge(s_fit, t_fit)
+    mapped = F.normalize((s_held.double() @ W).float(), dim=-1)
+    return embedding_fidelity(mapped, t_held)
+
+
+@torch.no_grad()
+def throughput(models: dict, batches, repeats: int = 3, new_tokens: int = 16) -> dict[str, float]:
+    """Texts per second (encoders: one forward per batch) or generated tokens per second (causal LMs:
+    ``generate`` with ``new_tokens`` greedy tokens per batch), per model in ``models``.
+
+    The models take turns on every batch and repeat (after one untimed warm-up batch each), so load
+    on the machine falls on all of them alike; each gets its best of ``repeats`` passes.
+    """
+    if not models:
+        raise ValueError("models is empty")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+
+    modes = {name: m.training for name, m in models.items()}
+    best = {name: float("inf") for name in models}
+    try:
+        for m in models.values():
+            m.eval()
+            _run(m, batches[0], new_tokens)
+        for _ in range(repeats):
+            spent = dict.fromkeys(models, 0.0)
+            for b in batches:
+                for name, m in models.items():
+                    t0 = time.perf_counter()
+                    _run(m, b, new_tokens)
+                    spent[name] += time.perf_counter() - t0
+            best = {name: min(best[name], spent[name]) for name in models}
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: sum(_units(m, b, new_tokens) for b in batches) / max(best[name], 1e-12)
+            for name, m in models.items()}
+
+
+def _units(model, batch: dict, new_tokens: int) -> int:
+    """What :func:`throughput` counts for one batch: texts (encoders) or generated tokens (causal LMs)."""
+    return batch["input_ids"].shape[0] * (new_tokens if is_causal_lm(model) else 1)
+
+
+def _run(model, batch: dict, new_tokens: int) -> None:
+    if is_causal_lm(model):
+        pad = getattr(model.config, "pad_token_id", None)
+        model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0 if pad is None else pad)
+    else:
+        model(**batch)

@@ -7,7 +7,7 @@
   ``1 - energy`` (Eckart-Young).
 * :func:`rank_by_budget` (parameter budget): the largest r whose factors hold at most ``keep`` of
   the dense layer's parameters, ``r * (d_in + d_out) <= keep * d_in * d_out`` (at least 1). The
-  same rule as ``LowRankConfig(rank=<float>)`` (:func:`lrkd_fast.swap.rank_for_fraction`).
+  same rule as ``LowRankConfig(rank=<float>)`` (:func:`rank_for_fraction`).
 * :func:`rank_by_samples` (sample size): ``r = clamp(round(c * sqrt(n_samples)), min_rank, cap)``
   with ``cap = min(d_in, d_out)`` (and ``max_rank`` if given). The sqrt(n) growth is the claim of
   "Demystifying Low-Rank Knowledge Distillation in LLMs" (arXiv 2603.22355, abstract only:
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .layers import LowRankLinear
-from .swap import rank_for_fraction
 
-__all__ = ["DEFAULT_SAMPLE_CONSTANT", "rank_by_energy", "rank_by_budget", "rank_by_samples", "suggest_rank"]
+__all__ = ["DEFAULT_SAMPLE_CONSTANT", "break_even_rank", "rank_by_budget", "rank_by_energy", "rank_by_samples",
+           "rank_for_fraction", "suggest_rank"]
 
 # r* ~ c * sqrt(n): fitted with the slope fixed at 1/2 to the best held-out ranks of
 # benchmarks/rank_sweep.py at its default settings (teacher spectrum s_k = 1/k, label-noise std 0.5,
@@ -87,6 +87,21 @@ def _as_float64(name: str, x) -> Tensor:
 
 # ------------------------------------------------------------------------------------ rules
 
+def rank_for_fraction(keep: float, d_in: int, d_out: int) -> int:
+    """Largest rank whose factors hold at most ``keep`` of the dense layer's parameters (>= 1):
+    :func:`rank_by_budget` with the fraction first, the rule of ``LowRankConfig(rank=<float>)``."""
+    d_in, d_out = _check_dims(d_in, d_out)
+    keep = _check_fraction("keep", keep)
+    return max(1, min(min(d_in, d_out), math.floor(keep * d_in * d_out / (d_in + d_out))))
+
+
+def break_even_rank(d_in: int, d_out: int) -> int:
+    """Largest rank whose factors ``r * (d_in + d_out)`` hold no more parameters than the dense
+    ``d_in * d_out`` weight: above it a low-rank layer is larger than the layer it replaces."""
+    d_in, d_out = _check_dims(d_in, d_out)
+    return max(1, d_in * d_out // (d_in + d_out))
+
+
 def rank_by_energy(weight_or_singular_values: WeightLike, energy: float = 0.9) -> int:
     """Smallest r with ``sum_{k<=r} s_k^2 >= energy * sum_k s_k^2``.
 
@@ -124,8 +139,6 @@ def rank_by_budget(d_in: int, d_out: int, keep: float) -> int:
     keep: fraction of the dense layer's ``d_in * d_out`` weights the two factors may hold, in (0, 1].
     A budget below one rank-1 layer still gives 1. Identical to ``LowRankConfig(rank=keep)``.
     """
-    d_in, d_out = _check_dims(d_in, d_out)
-    keep = _check_fraction("keep", keep)
     return rank_for_fraction(keep, d_in, d_out)
 
 

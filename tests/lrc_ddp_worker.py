@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/lrc_ddp_worker.py OUT_DIR
 
 Each of 2 gloo processes takes its half of one batch, computes the LRC loss and backward, and the
-gradients are averaged as TrainingLoop does (lrkd_fast.distillation._average_gradients). Rank 0 also
+gradients are averaged as TrainingLoop does (lrkd_fast.training.average_gradients). Rank 0 also
 computes the single-process result on the concatenated batch and writes both. Halves have the same
 number of real tokens and clone terms are per-block means, so the mean over ranks equals the full
 batch's loss (KD uses batchmean over 2 texts per rank = the full batch's per-text mean).
@@ -17,7 +17,7 @@ import transformers as tf
 
 from lrkd_fast import set_backend
 from lrkd_fast.clone import LowRankClone
-from lrkd_fast.distillation import _average_gradients
+from lrkd_fast.training import average_gradients
 
 
 def main(out_dir):
@@ -37,7 +37,7 @@ def main(out_dir):
         out = clone(ids[shard], attention_mask=am[shard])
         out.loss.backward()
         params = list(clone.parameters())
-        _average_gradients(params)
+        average_gradients(params)
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
         loss /= world

@@ -212,7 +212,7 @@ def test_bad_inputs():
                                      intermediate_size=64, num_hidden_layers=1))
     with pytest.raises(ValueError, match="divisible"):
         LowRankClone.from_teacher(bad, 16)
-    from lrkd_fast.clone.recipe import LRCTrainer
+    from lrkd_fast.clone import LRCTrainer
     with pytest.raises(ValueError, match="empty"):
         LRCTrainer(LowRankClone.from_teacher(t, 16)).train([])
 
@@ -227,7 +227,6 @@ def test_pca_init_uses_principal_directions():
 
 
 def test_ddp_matches_single_process():
-    from lrkd_fast.clone.recipe import LRCTrainer  # noqa: F401  (import check)
     worker = os.path.join(os.path.dirname(__file__), "lrc_ddp_worker.py")
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -245,13 +244,13 @@ def test_ddp_matches_single_process():
 
 
 def test_minilm_short_run_improves():
-    from lrkd_fast.clone import LRCRecipe, run_lrc_recipe
+    from lrkd_fast.recipes import LRCRecipe, run_lrc_recipe
     with tempfile.TemporaryDirectory() as d:
-        r = run_lrc_recipe(LRCRecipe(init="random", steps=20, minutes=None, lr=1e-3, batch_size=8, seq_len=32, heldout=64,
+        r = run_lrc_recipe(LRCRecipe(init="random", steps=20, lr=1e-3, batch_size=8, seq_len=32, heldout=64,
                                      fit_texts=128, output=d, progress=False))
         assert os.path.exists(os.path.join(d, "config.json"))
     losses = r.history["loss"]
-    start, trained = r.rows[1][1], r.rows[2][1]
+    start, trained = r.rows[1].fidelity, r.rows[2].fidelity
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert trained.mean_cosine > start.mean_cosine, r.table()
 
@@ -269,3 +268,37 @@ def test_tied_embeddings_teacher():
         with torch.no_grad():
             torch.testing.assert_close(m(input_ids=ids).logits, c.student_forward(input_ids=ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_the_loss_settings_have_one_owner_and_the_trainer_uses_them():
+    from lrkd_fast import DistillConfig, TrainConfig
+    from lrkd_fast.clone import LRCLoss, LRCTrainer
+    from lrkd_fast.ops import kd_loss
+
+    t = tiny("llama")
+    ids, am = batch()
+    hot = LowRankClone.from_teacher(t, 16, temperature=2.0, alpha=0.0, lm_weight=0.0)
+    assert hot.loss == LRCLoss(alpha=0.0, temperature=2.0, lm_weight=0.0)
+    assert LowRankClone.from_teacher(t, 16, loss=LRCLoss(temperature=3.0), alpha=0.5).loss == LRCLoss(0.5, 3.0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['bogus'\\]"):
+        LowRankClone.from_teacher(t, 16, bogus=1)
+    # with alpha = lm_weight = 0 the loss is the KL at the clone's temperature, on the real tokens
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hot.proj.values():
+            p.normal_(0, 0.2)
+        out = hot(ids, attention_mask=am)
+        s_h = hot.student_forward(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states[-1]
+        t_h = t(input_ids=ids, attention_mask=am, output_hidden_states=True).hidden_states[-1]
+        keep = am.reshape(-1).bool()
+        W_head = t.lm_head.weight
+        ref = kd_loss(s_h.reshape(-1, 16)[keep], W_head @ hot.proj["emb"], None, teacher_hidden=t_h.reshape(-1, 32)[keep],
+                      teacher_weight=W_head, temperature=2.0, reduction="batchmean", batch_size=2, ce_weight=0.0,
+                      kl_on_ignored=True)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-4, atol=1e-6)
+    # the trainer takes its loss from the clone: a config that sets another trainer's loss field is refused
+    with pytest.raises(ValueError, match=r"config sets \['temperature'\], which it would ignore"):
+        LRCTrainer(hot, DistillConfig(temperature=40.0))
+    assert type(LRCTrainer(hot, DistillConfig(steps=5)).cfg) is TrainConfig
+    with pytest.raises(TypeError, match="clone must be a LowRankClone"):
+        LRCTrainer(t)

@@ -11,7 +11,7 @@ from lrkd_fast.benchmarks import rank_sweep as rs
 from lrkd_fast.layers import LowRankLinear
 from lrkd_fast.rank import (DEFAULT_SAMPLE_CONSTANT, rank_by_budget, rank_by_energy, rank_by_samples,
                             suggest_rank)
-from lrkd_fast.swap import rank_for_fraction
+from lrkd_fast.rank import rank_for_fraction
 
 
 def _orth(n, seed):

@@ -9,29 +9,9 @@ from transformers.pytorch_utils import Conv1D
 
 import lrkd_fast
 from lrkd_fast import LowRankConfig, LowRankLinear, load_lowrank, merge_linear_layers, save_lowrank, swap_linear_layers
-from lrkd_fast.swap import rank_for_fraction, whitened_factors
-
-VOCAB = 96
-
-
-def tiny(family):
-    common = dict(vocab_size=VOCAB)
-    if family == "llama":
-        cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, **common)
-        return T.LlamaForCausalLM(cfg)
-    if family == "qwen2":
-        cfg = T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, **common)
-        return T.Qwen2ForCausalLM(cfg)
-    if family == "gpt2":
-        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common)
-        return T.GPT2LMHeadModel(cfg)
-    if family == "bert":
-        cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
-        return T.BertModel(cfg)
-    raise KeyError(family)
-
+from lrkd_fast.rank import rank_for_fraction
+from lrkd_fast.swap import whitened_factors
+from tests.conftest import VOCAB, calib_batches as _calib, output_error, tiny
 
 def _out(model, ids):
     with torch.no_grad():
@@ -184,26 +164,6 @@ def test_swapped_model_runs_triton_backend():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-
-def _calib(n=4, seq=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[: n // 2, seq - 3:] = 0
-    return [{"input_ids": ids, "attention_mask": mask}]
-
-
-def output_error(model, ref_model, batches):
-    """Relative squared error of ``model``'s first output against ``ref_model``'s over unmasked tokens."""
-    num = den = 0.0
-    with torch.no_grad():
-        for b in batches:
-            t, s = ref_model(**b)[0], model(**b)[0]
-            m = b["attention_mask"].unsqueeze(-1)
-            num, den = num + ((s - t) ** 2 * m).sum().item(), den + (t ** 2 * m).sum().item()
-    return num / den
-
-
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_sensitivity_allocation_keeps_the_budget_and_lowers_the_error(family):
     torch.manual_seed(0)
@@ -264,7 +224,7 @@ def test_sensitivity_ranks_and_initial_factors_agree_across_processes(tmp_path):
 
 def test_cross_whitened_factors_are_the_best_low_rank_map_between_input_sets():
     # fit W x (dense inputs) from other inputs x' at rank r; reference: projection on span(X') + truncated SVD
-    from lrkd_fast.swap import _factors_at, _whitened_svd
+    from lrkd_fast.swap.init import factors_at as _factors_at, whitened_svd as _whitened_svd
 
     torch.manual_seed(0)
     Xd = torch.randn(3000, 20, dtype=torch.float64) * torch.logspace(0.5, -1, 20, dtype=torch.float64)

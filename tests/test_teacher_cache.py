@@ -6,8 +6,8 @@ import torch
 
 import lrkd_fast
 from lrkd_fast import DistillConfig, Distiller, LowRankConfig, distill, swap_linear_layers
-from lrkd_fast.distillation import TeacherCache
-from tests.test_swap import VOCAB, tiny
+from lrkd_fast.teacher_cache import TeacherCache
+from tests.conftest import VOCAB, tiny
 
 
 def _texts(n=6, seed=0):

@@ -1,5 +1,5 @@
 """Low-Rank Clone (Hao et al. 2025): a width-d_S student whose weights are functions of the frozen
-teacher's weights and trainable projections; see ../shared/docs/LRC_METHOD.md section 2.
+teacher's weights and trainable projections (arXiv:2505.12781).
 
 How it is built
 ---------------
@@ -36,14 +36,18 @@ Loss:  kd_weight * KL_T(p_T || p_S) [batchmean, no T^2] + lm_weight * CE + alpha
 (causal LMs). Encoders (BERT) have no LM head: the output term is 1 - cos(mean_pool(h_S),
 mean_pool(h_T) @ P_emb) per text, averaged, weighted by kd_weight. Padding (attention_mask 0) rows
 are left out of every term.
+
+Layout: this file is one class (about 540 lines with this docstring) whose plan, forward and export
+share all of its state; the BERT student class (``lrc_bert.py``), the pca init (``pca.py``) and the
+trainer (``trainer.py``) sit beside it.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
-import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,78 +56,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..model_utils import capture_inputs, first_tensor
 from ..ops import clone_loss, kd_loss
 from .families import family_for
-from ..distillation import _first_tensor
+from .lrc_bert import LRC_BERT_SOURCE, lrc_bert_class
+from .pca import norm_through, principal_subspace
 
-__all__ = ["LowRankClone", "CloneOutput", "INITS", "LRC_BERT_SOURCE", "lrc_bert_class"]
+__all__ = ["INITS", "LRC_BERT_SOURCE", "CloneOutput", "LRCLoss", "LowRankClone", "lrc_bert_class"]
 
 INITS = ("random", "pca", "identity")
 
-# ----------------------------------------------------------------------------- BERT student class
-# BertModel sets head size = hidden_size // heads; LRC keeps the teacher's head size, so the BERT
-# student needs attention that reads config.head_dim. The same source is written next to exported
-# weights (auto_map) so AutoModel.from_pretrained(path, trust_remote_code=True) loads it.
-LRC_BERT_SOURCE = '''"""BertModel whose self-attention keeps its own head size (config.head_dim), as written by lrkd_fast's
-Low-Rank Clone export: hidden_size can then be smaller than heads * head_dim."""
-from torch import nn
-from transformers import BertModel
-
-
-class LRCBertModel(BertModel):
-    def __init__(self, config, *args, **kwargs):
-        hd = getattr(config, "head_dim", None)
-        if hd and not hasattr(config, "embedding_size"):
-            config.embedding_size = config.hidden_size  # BertSelfAttention skips its divisibility check then
-        super().__init__(config, *args, **kwargs)
-        if not hd:
-            return
-        for layer in self.encoder.layer:
-            sa = layer.attention.self
-            sa.attention_head_size = hd
-            sa.all_head_size = sa.num_attention_heads * hd
-            if hasattr(sa, "scaling"):
-                sa.scaling = hd ** -0.5
-            sa.query = nn.Linear(config.hidden_size, sa.all_head_size)
-            sa.key = nn.Linear(config.hidden_size, sa.all_head_size)
-            sa.value = nn.Linear(config.hidden_size, sa.all_head_size)
-            layer.attention.output.dense = nn.Linear(sa.all_head_size, config.hidden_size)
-'''
-
-_LRC_BERT_CLASS = None
-
-
-def lrc_bert_class():
-    """The LRCBertModel class (built once from :data:`LRC_BERT_SOURCE`)."""
-    global _LRC_BERT_CLASS
-    if _LRC_BERT_CLASS is None:
-        mod = types.ModuleType("lrkd_fast.clone._lrc_bert")
-        exec(compile(LRC_BERT_SOURCE, "<lrc_bert>", "exec"), mod.__dict__)
-        _LRC_BERT_CLASS = mod.LRCBertModel
-    return _LRC_BERT_CLASS
-
-
 # ----------------------------------------------------------------------------- helpers
 
-class _Stop(Exception):
-    def __init__(self, args, kwargs):
-        self.args_, self.kwargs_ = args, kwargs
-
-
-def _block_inputs(base: nn.Module, first_block: nn.Module, call):
+def _block_inputs(first_block: nn.Module, call):
     """(hidden, extra args, kwargs) the model's own forward passes to its first block."""
-    def hook(module, args, kwargs):
-        raise _Stop(args, kwargs)
-
-    h = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        call()
-    except _Stop as s:
-        args, kwargs = s.args_, dict(s.kwargs_)
-    else:  # pragma: no cover
-        raise RuntimeError("the model never reached its first block")
-    finally:
-        h.remove()
+    args, kwargs = capture_inputs(first_block, call)
     if args:
         return args[0], tuple(args[1:]), kwargs
     return kwargs.pop("hidden_states"), (), kwargs
@@ -131,6 +78,26 @@ def _block_inputs(base: nn.Module, first_block: nn.Module, call):
 
 def _get(model: nn.Module, path: str):
     return model.get_submodule(path) if path else model
+
+
+@dataclass(frozen=True)
+class LRCLoss:
+    """The weights of the Low-Rank Clone loss (module docstring): ``alpha`` on the clone terms,
+    ``temperature`` of the KL, ``kd_weight`` on the KL (encoders: on the embedding cosine term),
+    ``lm_weight`` on the next-token cross-entropy. The defaults are the paper's."""
+
+    alpha: float = 0.2
+    temperature: float = 40.0
+    kd_weight: float = 1.0
+    lm_weight: float = 1.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
+        if self.temperature == 0:
+            raise ValueError("temperature must be > 0, got 0")
 
 
 @dataclass
@@ -151,10 +118,17 @@ class LowRankClone(nn.Module):
 
     def __init__(self, teacher: nn.Module, student_hidden_size: int, *, init: str = "random",
                  init_std: float = 0.02, share_qkv: bool = False, share_gate_up: bool = False,
-                 alpha: float = 0.2, temperature: float = 40.0, kd_weight: float = 1.0, lm_weight: float = 1.0,
-                 clone_weights: Optional[dict] = None, gradient_checkpointing: bool = False,
-                 association: str = "auto", calibration=None, separate_parts: bool = False):
+                 loss: Optional[LRCLoss] = None, clone_weights: Optional[dict] = None,
+                 gradient_checkpointing: bool = False, association: str = "auto", calibration=None,
+                 separate_parts: bool = False, **loss_fields):
         super().__init__()
+        if loss is not None and not isinstance(loss, LRCLoss):
+            raise TypeError(f"loss must be an LRCLoss, got {type(loss).__name__}")
+        try:  # alpha=..., temperature=... override single fields of ``loss``
+            loss = dataclasses.replace(loss or LRCLoss(), **loss_fields)
+        except TypeError:
+            unknown = sorted(set(loss_fields) - {f.name for f in dataclasses.fields(LRCLoss)})
+            raise TypeError(f"LowRankClone got unexpected keyword arguments {unknown}") from None
         fam = family_for(teacher)
         if fam.base and hasattr(teacher, fam.base) and not fam.causal:
             teacher = getattr(teacher, fam.base)  # BERT task model: clone its encoder
@@ -186,7 +160,7 @@ class LowRankClone(nn.Module):
         if fam.norm_type == "layernorm" and student_hidden_size < 2:
             raise ValueError("student_hidden_size must be >= 2 for LayerNorm families")
         self.family, self.d_T, self.d_S, self.head_dim = fam, d_T, student_hidden_size, head_dim
-        self.alpha, self.temperature, self.kd_weight, self.lm_weight = alpha, temperature, kd_weight, lm_weight
+        self.loss = loss
         self.clone_weights = dict(clone_weights or {})
         self.gradient_checkpointing, self.association = gradient_checkpointing, association
         self.share_qkv, self.share_gate_up, self.separate_parts = share_qkv, share_gate_up, separate_parts
@@ -340,30 +314,15 @@ class LowRankClone(nn.Module):
             for p in self.proj.values():
                 p.normal_(0.0, std)
             return
-        # "pca": every projection is U, the top-d_S principal directions of the teacher's hidden states
-        # (uncentered second moment on the calibration batches), so the student's hidden state starts as
-        # the teacher's projected onto that subspace, h_S ~ h_T U, and every student weight is the teacher's
-        # restricted to it. The student's norms are set so that they reproduce the teacher's on that
-        # subspace: a norm divides by the RMS over d_S coordinates of z U, which carries a fraction f of
-        # the energy of z (d_T coordinates), so its output is sqrt(d_S / (f d_T)) times (z / rms(z)) U; the
-        # weight is the teacher's gamma seen through U (the diagonal of U^T diag(gamma) U) times
-        # sqrt(f d_T / d_S), a LayerNorm bias is beta_T U. f is estimated from the same second moment.
         if not calibration:
             raise ValueError("init='pca' needs calibration batches (a non-empty list of tokenized batch dicts)")
         U, frac = self._principal(calibration)
         for p in self.proj.values():
             p.copy_(U.to(p.dtype))
-        gain = math.sqrt(frac * self.d_T / self.d_S)
-        Uf = U.to(torch.float64)
         for rule in self.plan.values():
-            if rule[0] != "norm":
-                continue
-            w_T = tparams[rule[1]].to(torch.float64)
-            target = self.norms[rule[2]]
-            if rule[1].endswith(".bias"):
-                target.copy_((w_T @ Uf).to(target.dtype))
-            else:
-                target.copy_((((Uf * Uf) * w_T[:, None]).sum(0) * gain).to(target.dtype))
+            if rule[0] == "norm":
+                target = self.norms[rule[2]]
+                target.copy_(norm_through(tparams[rule[1]], U, frac, rule[1].endswith(".bias")).to(target.dtype))
 
     @torch.no_grad()
     def principal_directions(self, batches) -> torch.Tensor:
@@ -371,22 +330,10 @@ class LowRankClone(nn.Module):
         (every layer's input and the last output, real tokens only) over ``batches``."""
         return self._principal(batches)[0]
 
-    @torch.no_grad()
     def _principal(self, batches) -> tuple:
         """(principal_directions, fraction of the second moment's trace those directions carry)."""
-        C = torch.zeros(self.d_T, self.d_T, dtype=torch.float64, device=self.proj["emb"].device)
-        for b in batches:
-            out = self.tbase(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")},
-                             output_hidden_states=True)
-            mask = b.get("attention_mask")
-            for h in out.hidden_states:
-                x = h.reshape(-1, self.d_T).double()
-                if mask is not None:
-                    x = x[mask.reshape(-1).bool()]
-                C += x.t() @ x
-        evals, evecs = torch.linalg.eigh(C)
-        frac = (evals[-self.d_S:].sum() / evals.sum().clamp_min(1e-300)).clamp(0.0, 1.0).item()
-        return evecs[:, -self.d_S:].flip(-1).to(self.proj["emb"].dtype), frac
+        p = self.proj["emb"]
+        return principal_subspace(self.tbase, batches, self.d_S, p.device, p.dtype)
 
     # ------------------------------------------------------------------ weights
     def _weight(self, rule, tparams) -> torch.Tensor:
@@ -441,7 +388,7 @@ class LowRankClone(nn.Module):
     def _catch(self, store, site):
         def fn(module, args, out):
             if self._capture:
-                getattr(self, store)[site] = _first_tensor(out)
+                getattr(self, store)[site] = first_tensor(out)
         return fn
 
     def _factor_hook(self, module, args):
@@ -468,14 +415,14 @@ class LowRankClone(nn.Module):
             extra["use_cache"] = False
         # inputs of the first block, built by each model's own forward
         with torch.no_grad():
-            hT, t_args, t_kw = _block_inputs(self.tbase, self.t_layers[0], lambda: self.tbase(
+            hT, t_args, t_kw = _block_inputs(self.t_layers[0], lambda: self.tbase(
                 input_ids=input_ids, attention_mask=attention_mask, **extra))
         word = tparams[self.base_prefix + fam.embeddings[0] + ".weight"]
         emb_S = F.embedding(input_ids, word) @ P_emb  # gather rows, then project
         pre = {n[len(self.base_prefix):]: self._weight(r, tparams) for n, r in self.top_plan.items()
                if r[1] != self.base_prefix + fam.embeddings[0] + ".weight" and n.startswith(self.base_prefix)
                and not (fam.head and n == fam.head + ".weight") and r[0] != "both"}
-        hS, s_args, s_kw = _block_inputs(self.sbase, self.s_layers[0], lambda: functional_call(
+        hS, s_args, s_kw = _block_inputs(self.s_layers[0], lambda: functional_call(
             self.sbase, pre, (), dict(inputs_embeds=emb_S, attention_mask=attention_mask, **extra), strict=False))
 
         flat_mask = mask.reshape(-1)
@@ -489,10 +436,10 @@ class LowRankClone(nn.Module):
             self._capture = True
             try:
                 with torch.no_grad():
-                    hT = _first_tensor(self.t_layers[i](hT, *t_args, **t_kw))
+                    hT = first_tensor(self.t_layers[i](hT, *t_args, **t_kw))
                 acts_t, self._acts_t = self._acts_t, {}
                 layer = self.s_layers[i]
-                run = lambda h, _w=weights, _l=layer: _first_tensor(functional_call(_l, _w, (h,) + s_args, s_kw))
+                run = lambda h, _w=weights, _l=layer: first_tensor(functional_call(_l, _w, (h,) + s_args, s_kw))
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     hS = torch.utils.checkpoint.checkpoint(run, hS, use_reentrant=False)
                 else:
@@ -511,7 +458,7 @@ class LowRankClone(nn.Module):
             clone_total = clone_total + lc
             term_sums += terms
         parts = {}
-        loss = self.alpha * clone_total
+        loss = self.loss.alpha * clone_total
         if fam.causal:
             hT = self.tbase.get_submodule(fam.final_norm)(hT)
             norm_w = {n.rsplit(".", 1)[1]: self.norms[r[2]] for n, r in self.top_plan.items()
@@ -523,15 +470,15 @@ class LowRankClone(nn.Module):
             hs, ht, lab = hS.reshape(-1, self.d_S)[keep], hT.reshape(-1, self.d_T)[keep], labels.reshape(-1)[keep]
             W_head = tparams[fam.head + ".weight"]
             W_S = W_head @ P_emb
-            common = dict(teacher_hidden=ht, teacher_weight=W_head, temperature=self.temperature,
+            common = dict(teacher_hidden=ht, teacher_weight=W_head, temperature=self.loss.temperature,
                           reduction="batchmean", batch_size=B, ce_reduction="mean", kl_on_ignored=True)
             if self.separate_parts:
                 kd = kd_loss(hs, W_S, None, ce_weight=0.0, **common)
                 lm = kd_loss(hs, W_S, lab, kl_weight=0.0, **common)
-                loss = loss + self.kd_weight * kd + self.lm_weight * lm
+                loss = loss + self.loss.kd_weight * kd + self.loss.lm_weight * lm
                 parts.update(kd=kd.item(), lm=lm.item())
             else:
-                out = kd_loss(hs, W_S, lab, kl_weight=self.kd_weight, ce_weight=self.lm_weight, **common)
+                out = kd_loss(hs, W_S, lab, kl_weight=self.loss.kd_weight, ce_weight=self.loss.lm_weight, **common)
                 loss = loss + out
                 parts["kd+lm"] = out.item()
         else:
@@ -539,7 +486,7 @@ class LowRankClone(nn.Module):
             pool_s = (hS * m).sum(1) / m.sum(1).clamp_min(1)
             pool_t = ((hT * m).sum(1) / m.sum(1).clamp_min(1)) @ P_emb
             emb = (1 - F.cosine_similarity(pool_s.float(), pool_t.float(), dim=-1)).mean()
-            loss = loss + self.kd_weight * emb
+            loss = loss + self.loss.kd_weight * emb
             parts["embed"] = emb.item()
         parts["clone"] = clone_total.item()
         for s, v in zip(sites, (term_sums / self.n_layers).tolist()):

@@ -1,0 +1,244 @@
+"""What every end-to-end recipe shares: its settings (:class:`Recipe`), the start (process layout,
+teacher, text split), the result table and the finished output folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from .._table import format_table
+from ..data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
+from ..evaluate import EmbeddingFidelity
+
+__all__ = ["RUN_FILE", "Prepared", "Recipe", "RecipeError", "RecipeResult", "Row", "default_heldout",
+           "finish_output", "init_distributed", "keep_better", "load_teacher", "prepare", "read_run_file"]
+
+RUN_FILE = "lrkd_fast_run.json"  # in a saved student's folder: what it was distilled from
+HELDOUT_CAP = 512
+HELDOUT_FRACTION = 0.1
+
+
+class RecipeError(ValueError):
+    """A recipe setting that cannot work; ``field`` names it (the CLI turns it into its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(name, message)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """Settings every recipe has (a base: each recipe sets the defaults of its own). ``heldout=None`` holds out 10% of the texts, at most 512; ``steps``
+    fixes the run's length, ``minutes`` optionally caps it. ``save_worse=False`` saves the start
+    instead of the distilled student when distillation made held-out fidelity worse."""
+
+    teacher: Optional[str] = None  # model folder or offline-cached hub name; None = packaged all-MiniLM-L6-v2
+    data: Optional[str] = None  # text file (one text per line) or .jsonl; None = CPython's pydoc topics
+    # each recipe gives these its own default
+    calib_texts: int
+    steps: int
+    lr: float
+    batch_size: int
+    output: str
+    heldout: Optional[int] = None
+    minutes: Optional[float] = None
+    seq_len: int = 128
+    device: Optional[str] = None
+    seed: int = 0
+    resume: Optional[str] = None
+    checkpoint_every: int = 0
+    keep_checkpoints: bool = False
+    save_worse: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.heldout is None or (_is_int(self.heldout) and self.heldout >= 2), "heldout",
+               f"must be an int >= 2 (fidelity compares nearest neighbours) or None, got {self.heldout!r}")
+        _check(_is_int(self.steps) and self.steps >= 1, "steps", f"must be an int >= 1, got {self.steps!r}")
+        _check(self.minutes is None or self.minutes > 0, "minutes", f"must be > 0 or None, got {self.minutes!r}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        for name in ("calib_texts", "batch_size"):
+            v = getattr(self, name)
+            _check(_is_int(v) and v >= 1, name, f"must be an int >= 1, got {v!r}")
+        _check(_is_int(self.seq_len) and self.seq_len >= 2, "seq_len", f"must be an int >= 2, got {self.seq_len!r}")
+        _check(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
+               f"must be an int >= 0, got {self.checkpoint_every!r}")
+
+
+def default_heldout(n_texts: int) -> int:
+    """Held-out texts for ``n_texts`` when none is asked for: 10%, at least 2, at most 512."""
+    return min(HELDOUT_CAP, max(2, round(HELDOUT_FRACTION * n_texts)))
+
+
+def init_distributed(device: Optional[str]) -> tuple[int, int, str]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process (LOCAL_RANK) when CUDA is available, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    use_nccl = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    if use_nccl:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_teacher(name_or_path: Optional[str], device: str):
+    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default."""
+    import transformers
+
+    path = name_or_path or packaged_minilm_path()
+    if name_or_path and not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") != "0":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast with a clear message
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot load teacher {path!r}: {exc}") from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = transformers.AutoModelForCausalLM if ("CausalLM" in arch or "LMHead" in arch) else transformers.AutoModel
+    model = cls.from_pretrained(path).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+@dataclass
+class Row:
+    label: str
+    fidelity: EmbeddingFidelity
+    params: int
+    seconds: float
+
+
+@dataclass
+class RecipeResult:
+    rows: list = field(default_factory=list)  # Row per stage
+    output: str = ""
+    rank: int = 0  # process rank under torchrun (only rank 0 saves and prints)
+    history: dict = field(default_factory=dict)
+    swap_report: object = None
+    notes: list = field(default_factory=list)  # what the table alone does not say
+    saved: str = ""  # which student was saved: "distilled" or "start"
+    total_seconds: float = 0.0
+
+    def table(self) -> str:
+        """One line per stage: fidelity, parameters, and the seconds that stage took."""
+        head = ["model", "mean cos", "min cos", "NN agree", "params", "stage time s"]
+        body = [[r.label, f"{r.fidelity.mean_cosine:.4f}", f"{r.fidelity.min_cosine:.4f}",
+                 f"{r.fidelity.nn_agreement:.3f}", f"{r.params:,}", f"{r.seconds:.1f}"] for r in self.rows]
+        return format_table(head, body)
+
+
+@dataclass
+class Prepared:
+    """What every recipe starts from: the process layout, teacher, tokenizer and the text split."""
+    rank: int
+    world: int
+    device: str
+    teacher: object
+    tok: object
+    train: list
+    held: list
+    result: RecipeResult
+    heldout: int
+    held_batches: list  # the held-out texts, tokenized for evaluation
+    started: float  # time.time() when the recipe started
+    recipe: Recipe
+
+    def train_batches(self) -> "TextBatches":
+        """This process's shuffled training batches."""
+        r = self.recipe
+        return TextBatches(self.train, self.tok, r.batch_size, r.seq_len, seed=r.seed, device=self.device,
+                           rank=self.rank, world_size=self.world)
+
+    def eval_batches(self, texts: list) -> list:
+        return list(TextBatches(texts, self.tok, 64, self.recipe.seq_len, shuffle=False, device=self.device))
+
+
+def prepare(r: Recipe) -> Prepared:
+    """Join torchrun if launched by it, load the teacher and the text, hold out texts for the table."""
+    t0 = time.time()
+    rank, world, device = init_distributed(r.device)
+    torch.manual_seed(r.seed)
+    model, tok = load_teacher(r.teacher, device)
+    texts = read_texts(r.data) if r.data else pydoc_sentences()
+    heldout = default_heldout(len(texts)) if r.heldout is None else r.heldout
+    need = max(r.batch_size * world, 2)
+    if len(texts) - heldout < need:
+        what = "" if r.heldout is None else f"{heldout} held-out texts plus "
+        raise RecipeError("heldout" if r.heldout is not None else "data",
+                          f"the data has {len(texts)} texts: too few for {what}{need} training texts "
+                          f"(one batch of batch_size x processes){'; lower heldout' if r.heldout else ''}")
+    train, held = split_texts(texts, heldout, seed=r.seed)
+    result = RecipeResult(output=r.output, rank=rank)
+    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
+                           sum(p.numel() for p in model.parameters()), time.time() - t0))
+    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r)
+    pre.held_batches = pre.eval_batches(held)
+    return pre
+
+
+def finish_output(r: Recipe, method: str, heldout: int, extra: Optional[dict] = None) -> None:
+    """After a successful save: write what the student was distilled from (``RUN_FILE``, read by
+    ``lrkd-fast eval``) and remove the final resume checkpoint unless ``keep_checkpoints``."""
+    run = {"format": 1, "method": method, "teacher": r.teacher, "data": r.data, "heldout": heldout, "seed": r.seed,
+           "seq_len": r.seq_len, **(extra or {}), "recipe": asdict(r)}
+    with open(os.path.join(r.output, RUN_FILE), "w") as f:
+        json.dump(run, f, indent=1, default=str)
+    if r.keep_checkpoints:
+        return
+    ckpt = os.path.join(r.output, "checkpoints")
+    last = os.path.join(ckpt, "last.pt")
+    if os.path.exists(last):
+        os.remove(last)
+    if os.path.isdir(ckpt) and not os.listdir(ckpt):
+        shutil.rmtree(ckpt)
+
+
+def read_run_file(path: str) -> dict:
+    """The ``RUN_FILE`` of a saved student ({} when it was not saved by a recipe)."""
+    full = os.path.join(path, RUN_FILE)
+    if not os.path.exists(full):
+        return {}
+    with open(full) as f:
+        return json.load(f)
+
+
+def keep_better(result: RecipeResult, start: Row, end: Row, restore, save_worse: bool) -> None:
+    """When ``end`` is worse than ``start`` (held-out mean cosine): say so in the table and, unless
+    ``save_worse``, call ``restore()`` so the start is what gets saved."""
+    result.saved = "distilled"
+    if end.fidelity.mean_cosine >= start.fidelity.mean_cosine:
+        return
+    end.label += ", worse than start"
+    if save_worse:
+        result.notes.append(f"distillation ended worse than it started (held-out mean cos "
+                            f"{end.fidelity.mean_cosine:.4f} < {start.fidelity.mean_cosine:.4f}); the distilled "
+                            "student was saved anyway (save_worse / --save-worse)")
+        return
+    restore()
+    result.saved = "start"
+    result.notes.append(f"distillation ended worse than it started (held-out mean cos "
+                        f"{end.fidelity.mean_cosine:.4f} < {start.fidelity.mean_cosine:.4f}): the start was saved "
+                        "instead (save_worse / --save-worse keeps the distilled one); more steps or data usually help")
