@@ -1,6 +1,8 @@
 """The `lrkd-fast` command end to end: help, errors, and short runs of every subcommand."""
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,10 +43,14 @@ def test_every_flag_has_help_that_shows_its_default():
     assert "%%" not in parser.format_help()
 
 
-def test_version(capsys):
+def test_version_and_no_benchmark_import(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"lrkd-fast {lrkd_fast.__version__}"
+    # the benchmarks are imported by `bench` only, not by the command's module
+    code = "import sys, lrkd_fast.cli; print(sorted(m for m in sys.modules if m.startswith('lrkd_fast.benchmarks')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 def test_errors_name_the_flag(tmp_path, capsys, tiny_teacher_dir):
