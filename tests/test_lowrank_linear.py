@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import lrkd_fast
-from lrkd_fast import LowRankLinear, lowrank_linear, lowrank_linear_reference
+from lrkd_fast import LowRankLinear, lowrank_linear
 from lrkd_fast.kernels import chain_matmul, lowrank_decode
 from lrkd_fast.kernels.matmul import _SYNC
 from lrkd_fast.ops.cost_model import H200, PATHS, lowrank_counts, plan_lowrank
-from lrkd_fast.ops.lowrank_linear import lowrank_path
+from lrkd_fast.ops.lowrank_linear import lowrank_linear_reference, lowrank_path
 from tests.conftest import DEVICE, DTYPES, assert_close_rel
 
 
