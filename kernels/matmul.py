@@ -34,7 +34,7 @@ DECODE_MAX_M = 64
 
 
 def _chain_configs():
-    # Smallest first: the interpreter keeps only that one.
+    # The interpreter's small config first, then the GPU list (see utils.autotune_configs).
     cfgs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
     for bm in (64, 128):
         for bn in (64, 128):

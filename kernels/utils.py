@@ -41,8 +41,10 @@ def device_sms(t: torch.Tensor) -> int:
 
 
 def autotune_configs(configs):
-    """The autotuner needs a GPU to benchmark: under the interpreter keep only the first config."""
-    return configs[:1] if interpreted() else configs
+    """Under the interpreter only the first (small) config: the autotuner needs a GPU to
+    benchmark. On a GPU every config but that one: a tile that small runs on mma.sync, not
+    Hopper's wgmma (sm_90 compile check), and would only cost autotuning time."""
+    return configs[:1] if interpreted() else configs[1:]
 
 
 @triton.jit
@@ -88,13 +90,13 @@ def fits(kernel, config, named_args: dict, shared_limit: int) -> bool:
 def autotune(configs, key, resources, **kwargs):
     """``triton.autotune`` that can only pick configs that fit, with the full GPU list kept.
 
-    ``configs``: the GPU candidates, smallest (interpreter-friendly) first. Under the interpreter
-    only that first one is used (the autotuner needs a GPU to benchmark).
+    ``configs``: the interpreter's small config first, then the GPU candidates (see
+    :func:`autotune_configs`).
     ``resources(config, args) -> (shared bytes, fp32 accumulator registers per thread)``, with
     ``args`` every argument of the launch by name (positional and keyword): an estimate, used to prune before benchmarking; ``benchmarks.compile_check`` compiles every
     config that passes it for sm_90 and sm_80 and fails if one spills or overflows.
 
-    The returned kernel carries ``gpu_configs`` (the whole candidate list), ``resources`` and
+    The returned kernel carries ``gpu_configs`` (the GPU candidate list), ``resources`` and
     ``prune`` (the rule as the autotuner calls it: ``prune(configs, named_args, **kwargs)``).
     """
     def prune(cfgs, named_args, **kwargs):
@@ -110,7 +112,7 @@ def autotune(configs, key, resources, **kwargs):
         nonlocal kernel
         kernel = triton.autotune(configs=autotune_configs(configs), key=key,
                                  prune_configs_by={"early_config_prune": prune}, **kwargs)(fn)
-        kernel.gpu_configs = list(configs)
+        kernel.gpu_configs = list(configs[1:])
         kernel.resources = resources
         kernel.prune = prune
         return kernel
