@@ -228,6 +228,9 @@ def _add_eval(sub):
     p.add_argument("--batch-size", type=_pos_int, default=32, help="texts per forward pass")
     p.add_argument("--speed-batches", type=_pos_int, default=4, help="batches timed for throughput")
     p.add_argument("--repeats", type=_pos_int, default=3, help="timed passes per model (the best counts)")
+    p.add_argument("--diagnostics-texts", type=_nonneg_int, default=128,
+                   help="texts (the first of those compared on) for per-block CKA and mutual information "
+                        "between teacher and student; 0 turns them off")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_run_eval)
 
@@ -237,9 +240,14 @@ def _run_eval(args) -> int:
 
     report = evaluate_student(args.student, teacher=args.teacher, data=args.data, max_texts=args.max_texts,
                               device=args.device, batch_size=args.batch_size, speed_batches=args.speed_batches,
-                              repeats=args.repeats)
+                              repeats=args.repeats, diagnostics_texts=args.diagnostics_texts)
     print(f"{args.student} against its teacher on {report.texts}:")
     print(report.table())
+    if report.diagnostics:
+        rows = next(iter(report.diagnostics.values())).rows
+        print(f"per block, teacher vs student on {rows} token rows (linear CKA; Gaussian mutual information in nats, "
+              f"'null MI' = its value on independent data; the lowest CKA is the block that lags):")
+        print(report.diagnostics_table())
     for note in report.notes:
         print(f"note: {note}")
     print(f"speed: best of {args.repeats} passes over {args.speed_batches} batches of {args.batch_size}, "

@@ -37,22 +37,25 @@ streams over batches with memory O(d^2) per site, independent of the token count
 
 :func:`representation_diagnostics` runs a teacher and a student on a few batches and returns both
 measures per site: every transformer block's output for a swapped student (blocks found as in
-:func:`lrkd_fast.swap.find_blocks`), every clone site (q, k, v, gate, up, o, down per layer) for a
+:func:`lrkd_fast.model_utils.find_blocks`), every clone site (q, k, v, gate, up, o, down per layer) for a
 :class:`~lrkd_fast.clone.LowRankClone`, or the module names given. Which layer lags is the one to
 look at first.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .model_utils import find_blocks, first_tensor, token_rows
+
 __all__ = ["DEFAULT_COMPONENTS", "DEFAULT_RIDGE", "LayerDiagnostics", "canonical_correlations", "format_diagnostics",
-           "gaussian_mutual_information", "linear_cka", "mutual_information_null_bias",
-           "representation_diagnostics"]
+           "gaussian_mutual_information", "history_entry", "linear_cka", "mutual_information_null_bias",
+           "plot_diagnostics", "representation_diagnostics"]
 
 DEFAULT_COMPONENTS = 32  # components=None: min(32, d_x, d_y)
 DEFAULT_RIDGE = 1e-3
@@ -244,16 +247,6 @@ class LayerDiagnostics:
                     mi_null=self.mi_null)
 
 
-def _first_tensor(out) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    if getattr(out, "last_hidden_state", None) is not None:
-        return out.last_hidden_state
-    raise TypeError(f"cannot find an activation tensor in a module output of type {type(out).__name__}")
-
-
 def _is_clone(model) -> bool:
     from .clone import LowRankClone
 
@@ -273,8 +266,6 @@ def _clone_sites(clone) -> list[tuple[str, nn.Module, nn.Module]]:
 
 def _model_sites(teacher: nn.Module, student: nn.Module, sites) -> list[tuple[str, nn.Module, nn.Module]]:
     if sites is None:
-        from .swap import find_blocks
-
         sites = find_blocks(student)
         if not sites:
             raise ValueError("could not find transformer blocks in the student: pass sites (module names)")
@@ -287,13 +278,6 @@ def _model_sites(teacher: nn.Module, student: nn.Module, sites) -> list[tuple[st
         except AttributeError as exc:
             raise ValueError(f"site {name!r} is not a module of both the teacher and the student") from exc
     return out
-
-
-def _rows(act: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Token rows (tokens, d) of an activation (..., d); with a (batch, seq) mask, unmasked tokens only."""
-    if mask is not None and act.dim() == 3 and act.shape[:2] == mask.shape:
-        return act[mask.bool()]
-    return act.reshape(-1, act.shape[-1])
 
 
 def _as_batch_list(batches) -> list:
@@ -350,7 +334,7 @@ def representation_diagnostics(teacher: Optional[nn.Module], student: nn.Module,
 
     def catch(key):
         def fn(module, args, out):
-            caught[key] = _first_tensor(out)
+            caught[key] = first_tensor(out)
         return fn
 
     for name, tm, sm in pairs:
@@ -371,7 +355,7 @@ def representation_diagnostics(teacher: Optional[nn.Module], student: nn.Module,
             for name, _, _ in pairs:
                 if ("t", name) not in caught or ("s", name) not in caught:
                     raise RuntimeError(f"site {name!r} was not reached by the forward pass")
-                t, s = _rows(caught[("t", name)], mask), _rows(caught[("s", name)], mask)
+                t, s = token_rows(caught[("t", name)], mask), token_rows(caught[("s", name)], mask)
                 if t.shape[0] != s.shape[0]:
                     raise RuntimeError(f"site {name!r}: teacher and student gave {t.shape[0]} and {s.shape[0]} rows")
                 moments[name].add(t, s)
@@ -402,3 +386,48 @@ def format_diagnostics(diags: dict) -> str:
         mark = "  <- lowest CKA" if d.site == low and len(diags) > 1 else ""
         lines.append(f"{d.site:<{w}}  {d.cka:>7.4f}  {d.mi:>10.3f}  {d.mi_null:>8.3f}  {d.rows}{mark}")
     return "\n".join(lines)
+
+
+def history_entry(step: int, diags: dict) -> dict:
+    """One entry of a training history's ``"diagnostics"`` list: ``{"step": step, "sites": {site: {...}}}``
+    (plain floats and ints, so the history stays JSON- and checkpoint-friendly)."""
+    if not diags:
+        raise ValueError("diags is empty")
+    return {"step": int(step), "sites": {name: d.as_dict() for name, d in diags.items()}}
+
+
+def plot_diagnostics(entries: list, path: str, title: str = "") -> str:
+    """Write a PNG of MI and CKA per site over training from history entries (:func:`history_entry`):
+    one line per site, so the layer that lags stands out. Returns ``path``."""
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise ValueError("entries must be a non-empty list of diagnostics history entries")
+    if any(not isinstance(e, dict) or "step" not in e or "sites" not in e for e in entries):
+        raise ValueError("every entry must be a dict with 'step' and 'sites' (see history_entry)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = list(dict.fromkeys(s for e in entries for s in e["sites"]))
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "mi", "Gaussian MI, teacher vs student (nats)"), (axes[1], "cka", "linear CKA")):
+        for j, site in enumerate(sites):
+            pts = [(e["step"], e["sites"][site][key]) for e in entries if site in e["sites"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=cmap(j / max(1, len(sites) - 1)),
+                    label=site)
+        if key == "mi":
+            null = entries[-1]["sites"][sites[-1]].get("mi_null")
+            if null is not None:
+                ax.axhline(null, color="gray", lw=0.8, ls=":", label="estimate on independent data")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=6, ncol=2 if len(sites) > 8 else 1)
+    fig.suptitle(title or "representation diagnostics per site over training", fontsize=10)
+    fig.tight_layout()
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

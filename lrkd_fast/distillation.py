@@ -126,8 +126,9 @@ class Distiller(TrainingLoop):
             raise ValueError("clone_modules='inner' leaves the last block to the output loss, but output_loss='none'")
         self.cache = TeacherCache(self.cfg.teacher_cache_gb * 2**30) if self.cfg.teacher_cache else None
 
-    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
-        history = super().train(data, resume_from=resume_from, on_step=on_step)
+    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None,
+              diagnostics_data: Optional[list] = None) -> dict:
+        history = super().train(data, resume_from=resume_from, on_step=on_step, diagnostics_data=diagnostics_data)
         if self.cache is not None:  # how much of the teacher's work the cache saved
             history["teacher_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
                                         "texts": len(self.cache.rows), "gib": self.cache.nbytes / 2**30}
@@ -151,6 +152,21 @@ class Distiller(TrainingLoop):
     def close(self):
         self._s_catch.remove()
         self._t_catch.remove()
+
+    def diagnostics(self, batches: list) -> dict:
+        """Per-block CKA and Gaussian MI between teacher and student (every transformer block's output,
+        else the clone modules); see :func:`lrkd_fast.diagnostics.representation_diagnostics`."""
+        from .diagnostics import representation_diagnostics
+
+        sites = find_blocks(self.student) or self.clone_names
+        if not sites:
+            raise ValueError("no transformer blocks or clone modules to measure diagnostics at")
+        try:
+            return representation_diagnostics(self.teacher, self.student, batches, sites=sites,
+                                              components=self.cfg.diagnostics_components)
+        finally:  # the loss hooks caught these forwards too: drop what they hold
+            self._s_catch.pop()
+            self._t_catch.pop()
 
     # ------------------------------------------------------------------ loss
     def _autocast(self, device):

@@ -28,6 +28,14 @@ class TrainConfig:
     warmup: fraction of the run spent warming the learning rate up.
     dropout: keep the model's dropout on while training (off: it trains in eval mode).
     checkpoint_every: steps between checkpoints in ``checkpoint_dir`` (0: only ``last.pt`` at the end).
+    diagnostics_every: steps between representation diagnostics (0: off): per-layer linear CKA and
+        Gaussian mutual information between teacher and student activations
+        (:mod:`lrkd_fast.diagnostics`), measured before the first step, every this many steps and at
+        the end, on ``diagnostics_batches`` fixed batches (the first batches of the training data,
+        or the ``diagnostics_data`` given to ``train``), and logged in the history under
+        ``"diagnostics"``; the run writes a plot of both per layer over training to
+        ``diagnostics_plot`` (default: ``checkpoint_dir/diagnostics.png`` when there is a checkpoint_dir).
+    diagnostics_components: the MI's components per layer (None: min(32, widths)).
     """
 
     steps: int = 300
@@ -43,6 +51,10 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None
     seed: int = 0
     progress: bool = True
+    diagnostics_every: int = 0
+    diagnostics_batches: int = 2
+    diagnostics_components: Optional[int] = None
+    diagnostics_plot: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -63,6 +75,13 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("diagnostics_every", "diagnostics_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "diagnostics_every" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'diagnostics_every' else 1}, got {v!r}")
+        c = self.diagnostics_components
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"diagnostics_components must be None or an int >= 1, got {c!r}")
 
 
 def process_rank() -> int:
@@ -122,6 +141,25 @@ class TrainingLoop:
     def compute_loss(self, batch):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def diagnostics(self, batches: list) -> dict:
+        """Per-site representation diagnostics ({site: LayerDiagnostics}) on ``batches``; subclasses
+        that support ``diagnostics_every`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no representation diagnostics: "
+                                  f"set diagnostics_every=0")
+
+    def _measure(self, history: dict, step: int, batches: list) -> None:
+        from .diagnostics import history_entry
+
+        if process_rank() != 0:
+            return
+        history.setdefault("diagnostics", []).append(history_entry(step, self.diagnostics(batches)))
+        self.model.train(self.cfg.dropout)
+
+    def _diagnostics_plot_path(self) -> Optional[str]:
+        if self.cfg.diagnostics_plot:
+            return self.cfg.diagnostics_plot
+        return os.path.join(self.cfg.checkpoint_dir, "diagnostics.png") if self.cfg.checkpoint_dir else None
+
     # ------------------------------------------------------------------ training
     def _lr_factor(self, step: int) -> float:
         """Warm-up over the first ``warmup`` of the run, then the decay. With a time cap the run's
@@ -138,12 +176,16 @@ class TrainingLoop:
         frac = min(1.0, max(0.0, (decay_p - w) / (1 - w)))
         return 1 - frac if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
-    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None) -> dict:
+    def train(self, data, resume_from: Optional[str] = None, on_step: Optional[Callable] = None,
+              diagnostics_data: Optional[list] = None) -> dict:
         """Train for ``config.steps`` steps (or until ``max_minutes``).
 
         data: an object with ``batch(step) -> dict`` (e.g. :class:`lrkd_fast.data.TextBatches`), or a
-        non-empty list of batch dicts (cycled). Returns the history: per-step losses and timing, and
-        ``stopped_early`` (True when the time cap ended the run before ``steps``).
+        non-empty list of batch dicts (cycled). Returns the history: per-step losses and timing,
+        ``stopped_early`` (True when the time cap ended the run before ``steps``) and, with
+        ``diagnostics_every``, ``diagnostics``: a list of ``{"step", "sites": {site: {"cka", "mi", ...}}}``.
+        diagnostics_data: batches for the diagnostics (e.g. held-out texts); default the first
+        ``diagnostics_batches`` batches of ``data``.
         """
         from tqdm.auto import tqdm
 
@@ -162,6 +204,14 @@ class TrainingLoop:
         self.model.train(cfg.dropout)
         t0 = time.time() - history["seconds"]
         self._elapsed = lambda: time.time() - t0
+        diag_batches = None
+        if cfg.diagnostics_every:
+            diag_batches = list(diagnostics_data) if diagnostics_data is not None else \
+                [get_batch(i) for i in range(cfg.diagnostics_batches)]
+            if not diag_batches:
+                raise ValueError("diagnostics_data is empty")
+            if start == 0:
+                self._measure(history, 0, diag_batches)
         bar = tqdm(total=cfg.steps, initial=start, desc="distilling", disable=not cfg.progress, dynamic_ncols=True)
         step = start - 1
         try:
@@ -189,6 +239,8 @@ class TrainingLoop:
                 if on_step is not None:
                     on_step(step, parts)
                 done = step + 1
+                if diag_batches is not None and (done % cfg.diagnostics_every == 0 or done == cfg.steps):
+                    self._measure(history, done, diag_batches)
                 if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{done}.pt"), done, opt, sched, history)
                 if cfg.max_minutes is not None and history["seconds"] > 60 * cfg.max_minutes:
@@ -199,6 +251,16 @@ class TrainingLoop:
                     break
         finally:
             bar.close()
+        if diag_batches is not None and history.get("diagnostics"):
+            if history["diagnostics"][-1]["step"] != step + 1:  # stopped by the time cap between two measurements
+                self._measure(history, step + 1, diag_batches)
+            path = self._diagnostics_plot_path()
+            if path and process_rank() == 0:
+                from .diagnostics import plot_diagnostics
+
+                plot_diagnostics(history["diagnostics"], path, f"{type(self.model).__name__}: teacher vs student "
+                                                               f"per layer over training")
+                history["diagnostics_plot"] = path
         if cfg.checkpoint_dir:
             self.save_checkpoint(os.path.join(cfg.checkpoint_dir, "last.pt"), step + 1, opt, sched, history)
         self.model.eval()

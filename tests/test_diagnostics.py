@@ -2,6 +2,7 @@
 Gaussian data, their invariances, the MI estimator's bias on independent data, and the per-site
 diagnostics of a teacher / student pair on tiny Hugging Face models."""
 import copy
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import transformers as T
 
 from lrkd_fast import LowRankClone, LowRankConfig, swap_linear_layers
 from lrkd_fast.diagnostics import (canonical_correlations, format_diagnostics, gaussian_mutual_information,
-                                   linear_cka, mutual_information_null_bias, representation_diagnostics)
+                                   history_entry, linear_cka, mutual_information_null_bias, plot_diagnostics,
+                                   representation_diagnostics)
 
 F64 = torch.float64
 
@@ -288,3 +290,115 @@ def test_model_diagnostics_validate_their_inputs():
         representation_diagnostics(teacher, student, _batches(1, rows=1, seq=4), components=4)
     with pytest.raises(TypeError, match="teacher must be an nn.Module"):
         representation_diagnostics(None, student, _batches())
+
+
+def test_history_entries_and_their_plot(tmp_path, eager_backend):
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=2))
+    diags = representation_diagnostics(teacher, student, _batches(1), components=4)
+    entries = [history_entry(0, diags), history_entry(10, diags)]
+    assert entries[1]["step"] == 10 and entries[0]["sites"]["encoder.layer.0"]["cka"] == diags["encoder.layer.0"].cka
+    json.dumps(entries)  # plain numbers only
+    path = plot_diagnostics(entries, str(tmp_path / "sub" / "diagnostics.png"))
+    assert (tmp_path / "sub" / "diagnostics.png").stat().st_size > 10_000 and path.endswith("diagnostics.png")
+    with pytest.raises(ValueError, match="non-empty list"):
+        plot_diagnostics([], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="'step' and 'sites'"):
+        plot_diagnostics([{"step": 0}], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="diags is empty"):
+        history_entry(0, {})
+
+
+# ------------------------------------------------------------------------------------ in training and eval
+
+def test_distiller_logs_diagnostics_into_the_history_and_plots_them(tmp_path, eager_backend):
+    from lrkd_fast import DistillConfig, Distiller
+
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=2))
+    data, held = _batches(3, seed=1), _batches(1, seed=2)
+    cfg = DistillConfig(steps=5, lr=1e-2, progress=False, diagnostics_every=2, diagnostics_components=4,
+                        checkpoint_dir=str(tmp_path / "ck"))
+    d = Distiller(student, teacher, cfg)
+    try:
+        start = representation_diagnostics(teacher, student, held, components=4)
+        history = d.train(data, diagnostics_data=held)
+    finally:
+        d.close()
+    entries = history["diagnostics"]
+    assert [e["step"] for e in entries] == [0, 2, 4, 5]  # before training, every 2 steps, at the end
+    assert list(entries[0]["sites"]) == ["encoder.layer.0", "encoder.layer.1"]
+    assert entries[0]["sites"]["encoder.layer.1"]["cka"] == pytest.approx(start["encoder.layer.1"].cka, rel=1e-9)
+    end = representation_diagnostics(teacher, student, held, components=4)  # measured again, after the run
+    for site, v in entries[-1]["sites"].items():
+        assert v["cka"] == pytest.approx(end[site].cka, rel=1e-6) and v["mi"] == pytest.approx(end[site].mi, rel=1e-5)
+    assert entries[-1]["sites"]["encoder.layer.1"]["cka"] != entries[0]["sites"]["encoder.layer.1"]["cka"]
+    assert history["diagnostics_plot"] == str(tmp_path / "ck" / "diagnostics.png")
+    assert (tmp_path / "ck" / "diagnostics.png").stat().st_size > 10_000
+    # without diagnostics_data: the first diagnostics_batches batches of the training data
+    d2 = Distiller(copy.deepcopy(student), teacher, DistillConfig(steps=2, progress=False, diagnostics_every=5,
+                                                                  diagnostics_batches=1, diagnostics_components=4))
+    try:
+        h2 = d2.train(data)
+    finally:
+        d2.close()
+    assert [e["step"] for e in h2["diagnostics"]] == [0, 2] and "diagnostics_plot" not in h2
+    assert "diagnostics" not in Distiller(copy.deepcopy(student), teacher,
+                                          DistillConfig(steps=1, progress=False)).train(data)
+
+
+def test_lrc_trainer_logs_clone_site_diagnostics(tmp_path, eager_backend):
+    from lrkd_fast.clone import LRCTrainer
+    from lrkd_fast.training import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    clone = LowRankClone.from_teacher(T.LlamaForCausalLM(cfg).eval(), 16)
+    plot = str(tmp_path / "lrc.png")
+    tr = LRCTrainer(clone, TrainConfig(steps=2, lr=1e-2, progress=False, diagnostics_every=1,
+                                       diagnostics_components=4, diagnostics_plot=plot))
+    history = tr.train(_batches(2, rows=4, seq=16))
+    assert [e["step"] for e in history["diagnostics"]] == [0, 1, 2]
+    sites = history["diagnostics"][-1]["sites"]
+    assert len(sites) == 14 and "layer1.down" in sites and all(0 <= v["cka"] <= 1 for v in sites.values())
+    assert (tmp_path / "lrc.png").stat().st_size > 10_000
+
+
+def test_diagnostics_settings_are_checked():
+    from lrkd_fast.training import TrainConfig
+
+    with pytest.raises(ValueError, match="diagnostics_every must be an int >= 0"):
+        TrainConfig(diagnostics_every=-1)
+    with pytest.raises(ValueError, match="diagnostics_batches must be an int >= 1"):
+        TrainConfig(diagnostics_batches=0)
+    with pytest.raises(ValueError, match="diagnostics_components must be None or an int >= 1"):
+        TrainConfig(diagnostics_components=0)
+
+
+def test_eval_prints_per_block_diagnostics(tmp_path, tiny_teacher_dir, small_text_file, capsys, eager_backend):
+    from lrkd_fast.cli import main
+    from lrkd_fast.recipes import evaluate_student
+    from lrkd_fast.swap import save_lowrank
+
+    teacher = T.AutoModel.from_pretrained(tiny_teacher_dir).eval()
+    student = copy.deepcopy(teacher)
+    swap_linear_layers(student, LowRankConfig(rank=4))
+    out = str(tmp_path / "student")
+    save_lowrank(student, out)
+    rep = evaluate_student(out, teacher=tiny_teacher_dir, data=small_text_file, max_texts=64, batch_size=32,
+                           speed_batches=1, repeats=1, diagnostics_texts=64)
+    assert list(rep.diagnostics) == ["encoder.layer.0", "encoder.layer.1"]
+    assert all(0 < d.cka <= 1 and d.mi > d.mi_null for d in rep.diagnostics.values())
+    assert "lowest CKA" in rep.diagnostics_table()
+    off = evaluate_student(out, teacher=tiny_teacher_dir, data=small_text_file, max_texts=8, speed_batches=1,
+                           repeats=1, diagnostics_texts=0)
+    assert off.diagnostics == {} and off.diagnostics_table() == ""
+    assert main(["eval", out, "--teacher", tiny_teacher_dir, "--data", small_text_file, "--max-texts", "64",
+                 "--speed-batches", "1", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "per block, teacher vs student" in printed and "encoder.layer.1" in printed
+    with pytest.raises(ValueError, match="diagnostics_texts must be"):
+        evaluate_student(out, teacher=tiny_teacher_dir, diagnostics_texts=-1)

@@ -139,3 +139,29 @@ def test_generalization_config_is_validated():
         gz.GeneralizationConfig(noise=0.0)
     with pytest.raises(ValueError, match="shapes must be"):
         gz.GeneralizationConfig(shapes=((8,),))
+
+
+# ------------------------------------------------------------------------------------ cloning and information
+
+def test_cloning_information_tiny_run_writes_finite_results(tmp_path, capsys, eager_backend):
+    from lrkd_fast.benchmarks import cloning_information as ci
+
+    assert ci.main(["--tiny", "--steps", "4", "--diag-every", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "raises MI at every block" in capsys.readouterr().out
+    rows = ci.read_csv(str(tmp_path / "cloning_information.csv"))
+    blocks = sorted({r["site"] for r in rows})
+    assert blocks == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    assert len(rows) == len(ci.ARMS) * 3 * len(blocks)  # steps 0, 2, 4 per arm
+    assert all(math.isfinite(r[k]) for r in rows for k in ("cka", "mi", "mi_null", "heldout_mean_cos"))
+    assert all(0 <= r["cka"] <= 1 and r["mi"] > 0 for r in rows)
+    # both arms start from the same swapped model: identical step-0 measurements
+    start = {(r["site"], r["arm"]): r for r in rows if r["step"] == 0}
+    for b in blocks:
+        assert start[(b, "clone")]["mi"] == start[(b, "output only")]["mi"]
+        assert start[(b, "clone")]["cka"] == start[(b, "output only")]["cka"]
+    summary = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert set(summary["clone_minus_output"]) == set(blocks)
+    for v in summary["predicts_fidelity"].values():
+        assert -1 <= v["spearman"] <= 1
+    assert (tmp_path / "cloning_information.png").stat().st_size > 10_000
+    assert "python -m benchmarks.cloning_information --tiny" in (tmp_path / "README.md").read_text()

@@ -46,3 +46,10 @@ class LRCTrainer(TrainingLoop):
     def compute_loss(self, batch):
         out = self.model(**batch)
         return out.loss, out.parts
+
+    def diagnostics(self, batches: list) -> dict:
+        """CKA and Gaussian MI between teacher and student at every clone site (``layer{i}.{site}``);
+        see :func:`lrkd_fast.diagnostics.representation_diagnostics`."""
+        from ..diagnostics import representation_diagnostics
+
+        return representation_diagnostics(None, self.model, batches, components=self.cfg.diagnostics_components)

@@ -69,6 +69,13 @@ class StudentReport:
     texts: str  # which texts the fidelity is on
     readout: bool  # fidelity through a ridge read-out (student narrower than the teacher)
     notes: list = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)  # block -> LayerDiagnostics (teacher vs student)
+
+    def diagnostics_table(self) -> str:
+        """Per-block linear CKA and Gaussian MI between teacher and student ('' when not measured)."""
+        from ..diagnostics import format_diagnostics
+
+        return format_diagnostics(self.diagnostics) if self.diagnostics else ""
 
     def table(self) -> str:
         f = self.fidelity
@@ -110,9 +117,15 @@ def _texts(run: dict, data: Optional[str], max_texts: Optional[int]) -> tuple[li
 
 def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[str] = None,
                      max_texts: Optional[int] = 512, device: Optional[str] = None, batch_size: int = 32,
-                     speed_batches: int = 4, repeats: int = 3) -> StudentReport:
+                     speed_batches: int = 4, repeats: int = 3, diagnostics_texts: int = 128) -> StudentReport:
     """Compare the student saved in ``path`` with its teacher (``teacher``, else the one recorded at
-    training time, else the packaged MiniLM) on ``data`` (else the run's held-out texts)."""
+    training time, else the packaged MiniLM) on ``data`` (else the run's held-out texts).
+
+    diagnostics_texts: the first this many of those texts also give per-block linear CKA and Gaussian
+    MI between teacher and student block outputs (``report.diagnostics``; 0: not measured).
+    """
+    if isinstance(diagnostics_texts, bool) or not isinstance(diagnostics_texts, int) or diagnostics_texts < 0:
+        raise ValueError(f"diagnostics_texts must be an int >= 0, got {diagnostics_texts!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(speed_batches, bool) or not isinstance(speed_batches, int) or speed_batches < 1:
@@ -154,7 +167,26 @@ def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[st
     if readout:
         report.notes.append("the student is narrower than the teacher: fidelity through a ridge read-out fitted on "
                             "training texts")
+    if diagnostics_texts:
+        report.diagnostics = _block_diagnostics(t_model, student, batches[:-(-diagnostics_texts // batch_size)],
+                                                report.notes)
     return report
+
+
+def _block_diagnostics(teacher, student, batches, notes: list) -> dict:
+    """Per-block CKA / MI when teacher and student have the same blocks; else a note says why not."""
+    from ..diagnostics import representation_diagnostics
+    from ..model_utils import find_blocks
+
+    blocks = find_blocks(student)
+    if not blocks or blocks != find_blocks(teacher):
+        notes.append("no per-block diagnostics: teacher and student do not have the same transformer blocks")
+        return {}
+    try:
+        return representation_diagnostics(teacher, student, batches, sites=blocks)
+    except ValueError as exc:  # e.g. too few token rows for the MI's components
+        notes.append(f"no per-block diagnostics: {exc}")
+        return {}
 
 
 def export_merged(path: str, out: str) -> str:
