@@ -187,7 +187,7 @@ def _kd_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], labels: Option
     acc_dtype = torch.float32 if grad_weight_fp32 else w_s.dtype
     if chunk_rows <= 0:
         grad_bytes = (h_s.numel() * h_s.element_size() * need_dh
-                      + V * d_s * torch.empty((), dtype=acc_dtype).element_size() * need_dw + 4 * V * need_db)
+                      + V * d_s * (torch.finfo(acc_dtype).bits // 8) * need_dw + 4 * V * need_db)
         chunk_rows = _auto_chunk_rows(N, V, d_s, h_t.shape[1] if fused_teacher else 0, h_s.element_size(),
                                       grad_bytes)
     write_grad = need_dh or need_dw or need_db

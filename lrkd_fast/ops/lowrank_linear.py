@@ -64,7 +64,7 @@ def _choose(M: int, K: int, R: int, N: int, dtype: torch.dtype, store_t: bool) -
         if path == "fused" and R > 256:
             return "two_gemm"
         return path
-    return plan_lowrank(M, K, R, N, torch.empty((), dtype=dtype).element_size(), store_t).path
+    return plan_lowrank(M, K, R, N, torch.finfo(dtype).bits // 8, store_t).path
 
 
 def _product(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor], store_t: bool):
