@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 
@@ -119,6 +120,9 @@ def _add_distill(sub):
     p.add_argument("--resume", default=None, help="checkpoint to continue from, OUTPUT/checkpoints/*.pt (default: none)")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=S("checkpoint_every"),
                    help="steps between checkpoints in OUTPUT/checkpoints (0: only the final last.pt)")
+    p.add_argument("--diagnostics-every", type=_nonneg_int, default=0,
+                   help="steps between per-layer linear CKA and Gaussian mutual information of teacher vs student on "
+                        "held-out texts (0: off); the run plots them over training to OUTPUT/diagnostics.png")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep OUTPUT/checkpoints/last.pt after the final save (it is removed by default)")
     p.add_argument("--save-worse", action="store_true",
@@ -152,7 +156,8 @@ def _given(args, **names) -> dict:
 def _common(args) -> dict:
     return dict(teacher=args.teacher, data=args.data, seq_len=args.seq_len, minutes=args.minutes,
                 device=args.device, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                keep_checkpoints=args.keep_checkpoints, save_worse=args.save_worse, progress=not args.quiet,
+                keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
+                save_worse=args.save_worse, progress=not args.quiet,
                 **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
                          calib_texts="calib_texts", output="output"))
 
@@ -162,6 +167,15 @@ def _print_result(result, what: str) -> None:
     print(result.table())
     for note in result.notes:
         print(f"note: {note}")
+    diags = (result.history or {}).get("diagnostics")
+    if diags:
+        last = diags[-1]
+        sites = last["sites"]
+        lag = min(sites, key=lambda k: sites[k]["cka"])
+        print(f"representation diagnostics at step {last['step']} (held-out texts; plot over training in "
+              f"{os.path.join(result.output, 'diagnostics.png')}):")
+        for name, d in sites.items():
+            print(f"  {name:<24} CKA {d['cka']:.3f}  MI {d['mi']:.2f} nats" + ("  <- lags most" if name == lag else ""))
     print(f"total wall time {result.total_seconds:.0f} s")
 
 

@@ -75,10 +75,14 @@ def test_errors_name_the_flag(tmp_path, capsys, tiny_teacher_dir):
 
 def test_distill_eval_export_on_small_data(tmp_path, capsys, tiny_teacher_dir, small_text_file):
     out, merged = str(tmp_path / "student"), str(tmp_path / "merged")
-    rc = main(["distill", "--teacher", tiny_teacher_dir, "--data", small_text_file, "--output", out, *SHORT])
+    rc = main(["distill", "--teacher", tiny_teacher_dir, "--data", small_text_file, "--output", out,
+               "--diagnostics-every", "2", *SHORT])
     assert rc == 0
     text = capsys.readouterr().out
     assert "held-out fidelity to the teacher (30 texts" in text and "stage time s" in text
+    # per-block CKA / MI at the last step (3), the lowest CKA flagged, the plot over steps 0, 2, 3 written
+    assert "representation diagnostics at step 3 (held-out texts" in text and text.count("<- lags most") == 1
+    assert text.count(" CKA ") == 2 and os.path.getsize(os.path.join(out, "diagnostics.png")) > 0
     assert "distilled (3 steps)" in text and "total wall time" in text and "swapped layers:" in text
     assert not os.path.exists(os.path.join(out, "checkpoints"))  # last.pt removed after the final save
     assert main(["eval", out, "--speed-batches", "1", "--repeats", "1"]) == 0
@@ -107,9 +111,12 @@ def test_a_rank_that_grows_layers_warns(tmp_path, capsys, tiny_teacher_dir, smal
 def test_lrc_short_run_exports_a_plain_model(tmp_path, capsys, tiny_teacher_dir, small_text_file):
     out = tmp_path / "lrc"
     rc = main(["distill", "--method", "lrc", "--teacher", tiny_teacher_dir, "--data", small_text_file,
-               "--student-hidden", "16", "--temperature", "20", "--output", str(out), *SHORT])
+               "--student-hidden", "16", "--temperature", "20", "--output", str(out), "--diagnostics-every", "1",
+               *SHORT])
     assert rc == 0
-    assert "LRC trained (3 steps)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "LRC trained (3 steps)" in text and "representation diagnostics at step 3" in text
+    assert "  layer1.o  " in text and (out / "diagnostics.png").exists()  # the LRC clone sites
     model = T.AutoModel.from_pretrained(str(out), trust_remote_code=True)
     assert model.config.hidden_size == 16
 

@@ -61,6 +61,7 @@ class Recipe:
     seed: int = 0
     resume: Optional[str] = None
     checkpoint_every: int = 0
+    diagnostics_every: int = 0  # steps between per-layer CKA / MI logs (0: off); plot in output/diagnostics.png
     keep_checkpoints: bool = False
     save_worse: bool = False
     progress: bool = True
@@ -77,6 +78,20 @@ class Recipe:
         _check(_is_int(self.seq_len) and self.seq_len >= 2, "seq_len", f"must be an int >= 2, got {self.seq_len!r}")
         _check(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
                f"must be an int >= 0, got {self.checkpoint_every!r}")
+        _check(_is_int(self.diagnostics_every) and self.diagnostics_every >= 0, "diagnostics_every",
+               f"must be an int >= 0, got {self.diagnostics_every!r}")
+
+
+def diagnostics_settings(r: Recipe) -> dict:
+    """TrainConfig fields for the recipe's representation diagnostics: every ``r.diagnostics_every``
+    steps, plotted to ``output/diagnostics.png``."""
+    return dict(diagnostics_every=r.diagnostics_every, diagnostics_plot=os.path.join(r.output, "diagnostics.png"))
+
+
+def diagnostics_batches(r: Recipe, held_batches: list) -> Optional[list]:
+    """The batches the diagnostics are measured on: the first two held-out batches (which layer lags on
+    text the student never trained on), or None when they are off."""
+    return list(held_batches[:2]) if r.diagnostics_every else None
 
 
 def default_heldout(n_texts: int) -> int:

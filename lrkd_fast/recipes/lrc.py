@@ -20,7 +20,8 @@ from ..clone import LowRankClone, LRCLoss, LRCTrainer
 from ..data import TextBatches
 from ..evaluate import readout_fidelity, sentence_embeddings
 from ..training import TrainConfig
-from .base import Recipe, RecipeResult, Row, _check, _is_int, finish_output, keep_better, prepare
+from .base import (Recipe, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings, finish_output,
+                   keep_better, prepare)
 
 __all__ = ["LRCRecipe", "run_lrc_recipe"]
 
@@ -83,13 +84,14 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     result.rows.append(start)
 
     cfg = TrainConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, progress=r.progress and rank == 0,
-                      checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
+                      checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
+                      **diagnostics_settings(r))
     data = pre.train_batches()
     t1 = time.time()
     trainer = LRCTrainer(clone, cfg)
     initial = trainer.trainable_state()
     try:
-        result.history = trainer.train(data, resume_from=r.resume)
+        result.history = trainer.train(data, resume_from=r.resume, diagnostics_data=diagnostics_batches(r, held_b))
         end = Row(f"LRC trained ({len(result.history['step'])} steps)", fidelity(clone.export_student()), s_params,
                   time.time() - t1)
         result.rows.append(end)

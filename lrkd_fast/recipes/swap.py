@@ -20,7 +20,8 @@ from ..model_utils import find_blocks
 from ..rank import break_even_rank
 from ..swap import ALLOCATIONS, INITS, LowRankConfig, save_lowrank, swap_linear_layers
 from ..swap.config import dense_weight, find_target_layers, layer_ranks
-from .base import Recipe, RecipeError, RecipeResult, Row, _check, _is_int, finish_output, keep_better, prepare
+from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings,
+                   finish_output, keep_better, prepare)
 
 __all__ = ["SwapRecipe", "default_targets", "run_swap_recipe"]
 
@@ -128,13 +129,14 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, train_norms=r.train_norms,
                          train_bias=r.train_bias, teacher_cache=r.teacher_cache, clone_modules=r.clone_modules,
                          progress=r.progress and rank == 0,
-                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every)
+                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
+                         **diagnostics_settings(r))
     data = pre.train_batches()
     t1 = time.time()
     d = Distiller(student, teacher, dcfg)
     initial = d.trainable_state()
     try:
-        result.history = d.train(data, resume_from=r.resume)
+        result.history = d.train(data, resume_from=r.resume, diagnostics_data=diagnostics_batches(r, held_batches))
     finally:
         d.close()
     end = Row(f"distilled ({len(result.history['step'])} steps)",
