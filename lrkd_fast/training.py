@@ -190,6 +190,8 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         get_batch = self._batch_getter(data)
+        # a reader with a read position (e.g. lrkd_fast.packed.PackedBatches): saved in and restored from checkpoints
+        self._data = data if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") else None
         cfg = self.cfg
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
@@ -225,7 +227,8 @@ class TrainingLoop:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
-                n_tok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                m = batch.get("attention_mask")  # a 4-D (block) mask says nothing about padding: count every id
+                n_tok = int(m.sum()) if m is not None and m.dim() == 2 else batch["input_ids"].numel()
                 history["tokens"] += n_tok
                 history["step"].append(step)
                 history["loss"].append(parts["loss"])
@@ -302,6 +305,8 @@ class TrainingLoop:
                  "scheduler": sched.state_dict(), "history": history, "config": asdict(self.cfg),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        if getattr(self, "_data", None) is not None:
+            state["data"] = self._data.state_dict()  # the read position: a resume continues on unseen data
         tmp = path + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, path)  # never leave a half-written checkpoint behind
@@ -316,6 +321,8 @@ class TrainingLoop:
             raise ValueError(f"checkpoint {path!r} does not fit this student: {exc}") from None
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("data") is not None and getattr(self, "_data", None) is not None:
+            self._data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
