@@ -4,10 +4,12 @@
 
 Providers (one Llama-style teacher, widths of Llama-3.2-3B -> LRC-1.5B unless --small):
   official_eager     the reference code's step structure (factorized q/k/v, zoomed gate/up/down,
-                     seven MSE terms per layer, KL(T=40)+CE on full fp32 logits), no attention mask
+                     seven MSE terms per layer with the attention output compared in the teacher
+                     width, KL(T=40, batchmean) + shifted CE on full fp32 logits), no attention mask
   official_compiled  the same with its layer and head functions under torch.compile
-  lrkd_fast          LowRankClone on a random-weight LlamaForCausalLM teacher (fused clone / KD losses
-                     where Triton runs, cheaper association per site)
+  lrkd_fast          LowRankClone(attn_clone="teacher") on a random-weight LlamaForCausalLM teacher (fused
+                     clone / KD losses where Triton runs, cheaper association per site): the same loss
+                     as official_eager for the same weights (tests/test_lrc_parity.py checks it)
 Each provider runs at every --layers count; a least-squares line ms = fixed + per_layer * L gives
 ms/layer and the fixed cost, extrapolated to 28 layers (tokens/s at 28 layers). Peak memory is CUDA
 only. Writes one CSV row per provider and layer count plus one "fit" row per provider.
@@ -31,7 +33,11 @@ def shapes(small: bool):
 
 # ----------------------------------------------------------------------------- official-style provider
 
-def official_step_factory(s, L, dev, dt, compile_fns):
+def official_loss_factory(s, L, dev, dt, compile_fns=False, weights=None, rope_theta=500000.0, eps=1e-6):
+    """(loss(ids), trainable params) of the reference code's co-training step. ``weights``: None (random)
+    or a dict with ``teacher`` (per layer: q, k, v, o, gate, up, down, n1, n2), ``proj`` (per layer: zq,
+    zk, zv, zo, zg, zu, zd in the reference code's nn.Linear layouts, n1, n2), ``emb``, ``head``,
+    ``norm`` (teacher final norm), ``zemb``, ``nf`` (student final norm)."""
     B, T, dT, dS, dmid, H, KV, hd, V = (s[k] for k in ("B", "T", "dT", "dS", "dmid", "H", "KV", "hd", "V"))
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -39,13 +45,13 @@ def official_step_factory(s, L, dev, dt, compile_fns):
         t = torch.randn(*shape, generator=g) * (scale if scale else shape[-1] ** -0.5)
         return t.to(dev, dt).requires_grad_(grad)
 
-    def rms(x, wgt, eps=1e-6):
+    def rms(x, wgt):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * wgt
 
     pos = torch.arange(T, device=dev).float()
-    inv = 1.0 / (500000 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
-    ang = torch.outer(pos, inv)
+    inv = 1.0 / (rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    ang = pos[:, None] * inv[None, :]
     ang = torch.cat((ang, ang), -1)
     cos, sin = ang.cos().to(dt), ang.sin().to(dt)
 
@@ -53,16 +59,20 @@ def official_step_factory(s, L, dev, dt, compile_fns):
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
         return x * cos + torch.cat((-x2, x1), -1) * sin
 
-    teacher = [dict(q=w(H * hd, dT), k=w(KV * hd, dT), v=w(KV * hd, dT), o=w(dT, H * hd), gate=w(dmid, dT),
-                    up=w(dmid, dT), down=w(dT, dmid), n1=torch.ones(dT, device=dev, dtype=dt),
-                    n2=torch.ones(dT, device=dev, dtype=dt)) for _ in range(L)]
-    proj = [dict(zq=w(dT, dS, grad=True), zk=w(dT, dS, grad=True), zv=w(dT, dS, grad=True), zo=w(dS, dT, grad=True),
-                 zg=w(dT, dS, grad=True), zu=w(dT, dS, grad=True), zd=w(dS, dT, grad=True),
-                 n1=torch.ones(dS, device=dev, dtype=dt, requires_grad=True),
-                 n2=torch.ones(dS, device=dev, dtype=dt, requires_grad=True)) for _ in range(L)]
-    emb_T, head_T = w(V, dT, scale=0.02), w(V, dT)
-    zemb = w(dS, dT, grad=True)
-    nf = torch.ones(dS, device=dev, dtype=dt, requires_grad=True)
+    if weights is None:
+        teacher = [dict(q=w(H * hd, dT), k=w(KV * hd, dT), v=w(KV * hd, dT), o=w(dT, H * hd), gate=w(dmid, dT),
+                        up=w(dmid, dT), down=w(dT, dmid), n1=torch.ones(dT, device=dev, dtype=dt),
+                        n2=torch.ones(dT, device=dev, dtype=dt)) for _ in range(L)]
+        proj = [dict(zq=w(dT, dS, grad=True), zk=w(dT, dS, grad=True), zv=w(dT, dS, grad=True),
+                     zo=w(dS, dT, grad=True), zg=w(dT, dS, grad=True), zu=w(dT, dS, grad=True), zd=w(dS, dT, grad=True),
+                     n1=torch.ones(dS, device=dev, dtype=dt, requires_grad=True),
+                     n2=torch.ones(dS, device=dev, dtype=dt, requires_grad=True)) for _ in range(L)]
+        emb_T, head_T, norm_T = w(V, dT, scale=0.02), w(V, dT), torch.ones(dT, device=dev, dtype=dt)
+        zemb = w(dS, dT, grad=True)
+        nf = torch.ones(dS, device=dev, dtype=dt, requires_grad=True)
+    else:
+        teacher, proj = weights["teacher"], weights["proj"]
+        emb_T, head_T, norm_T, zemb, nf = (weights[k] for k in ("emb", "head", "norm", "zemb", "nf"))
     params = [p for d in proj for p in d.values()] + [zemb, nf]
 
     def attn(q, k, v):
@@ -87,8 +97,10 @@ def official_step_factory(s, L, dev, dt, compile_fns):
         qS = F.linear(F.linear(hS, pw["zq"]), tw["q"])
         kS = F.linear(F.linear(hS, pw["zk"]), tw["k"])
         vS = F.linear(F.linear(hS, pw["zv"]), tw["v"])
-        oS = F.linear(F.linear(attn(qS, kS, vS), tw["o"]), pw["zo"])
-        clone = F.mse_loss(qS, qT) + F.mse_loss(kS, kT) + F.mse_loss(vS, vT) + F.mse_loss(oS, F.linear(aT, pw["zo"]))
+        oS_wide = F.linear(attn(qS, kS, vS), tw["o"])  # the student's attention result through the teacher's o_proj
+        oS = F.linear(oS_wide, pw["zo"])
+        # the attention output is compared in the teacher width, before the down projection zo
+        clone = F.mse_loss(qS, qT) + F.mse_loss(kS, kT) + F.mse_loss(vS, vT) + F.mse_loss(oS_wide, aT)
         xS = xS + oS
         h2S = rms(xS, pw["n2"])
         gS, uS = F.linear(h2S, tw["gate"] @ pw["zg"]), F.linear(h2S, tw["up"] @ pw["zu"])
@@ -96,27 +108,37 @@ def official_step_factory(s, L, dev, dt, compile_fns):
         clone = clone + F.mse_loss(gS, gT) + F.mse_loss(uS, uT) + F.mse_loss(fS, F.linear(fT, pw["zd"]))
         return xT, xS + fS, clone
 
+    logit_dt = torch.promote_types(dt, torch.float32)  # full fp32 logits (fp64 stays fp64)
+
     def head(xT, xS, ids):
         with torch.no_grad():
-            t_logits = F.linear(rms(xT, torch.ones(dT, device=dev, dtype=dt)), head_T).float()
-        s_logits = F.linear(rms(xS, nf), head_T @ zemb.t()).float()
+            t_logits = F.linear(rms(xT, norm_T), head_T).to(logit_dt)
+        s_logits = F.linear(rms(xS, nf), head_T @ zemb.t()).to(logit_dt)
         kl = F.kl_div(F.log_softmax(s_logits / 40.0, -1), F.log_softmax(t_logits / 40.0, -1), log_target=True,
-                      reduction="batchmean")
-        return kl + F.cross_entropy(s_logits.view(-1, V), ids.view(-1))
+                      reduction="batchmean")  # sum over tokens and vocabulary / batch size
+        ce = F.cross_entropy(s_logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))  # next-token (shifted)
+        return kl + ce
 
     layer_fn = torch.compile(layer) if compile_fns else layer
     head_fn = torch.compile(head) if compile_fns else head
 
-    def step():
-        ids = torch.randint(0, V, (B, T), device=dev)
+    def loss_fn(ids):
         xT = emb_T[ids]
         xS = F.linear(emb_T[ids], zemb)
         clone = 0.0
         for tw, pw in zip(teacher, proj):
             xT, xS, c = layer_fn(xT, xS, tw, pw)
             clone = clone + c
-        loss = head_fn(xT, xS, ids) + 0.2 * clone
-        loss.backward()
+        return head_fn(xT, xS, ids) + 0.2 * clone
+    return loss_fn, params
+
+
+def official_step_factory(s, L, dev, dt, compile_fns):
+    loss_fn, params = official_loss_factory(s, L, dev, dt, compile_fns)
+
+    def step():
+        ids = torch.randint(0, s["V"], (s["B"], s["T"]), device=dev)
+        loss_fn(ids).backward()
         for p in params:
             p.grad = None
     return step
@@ -134,7 +156,7 @@ def lrkd_step_factory(s, L, dev, dt):
                          rope_theta=500000.0, tie_word_embeddings=True)
     with torch.device(dev):
         teacher = tf.LlamaForCausalLM(cfg).to(dt).eval()
-    clone = LowRankClone.from_teacher(teacher, s["dS"], separate_parts=False)
+    clone = LowRankClone.from_teacher(teacher, s["dS"], separate_parts=False, attn_clone="teacher")
     params = list(clone.parameters())
 
     def step():

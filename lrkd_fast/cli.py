@@ -57,7 +57,10 @@ _nonneg_float = _number(float, 0.0, what="a number >= 0")
 
 def _add_distill(sub):
     from .clone import LRCLoss
+    from .clone.model import ATTN_CLONES
     from .recipes import LRCRecipe, SwapRecipe
+    from .recipes.lrc import LRC_PRESETS
+    from .training import SCHEDULES
 
     S = lambda name: _recipe_default(SwapRecipe, name)  # noqa: E731
     L = lambda name: _recipe_default(LRCRecipe, name)  # noqa: E731
@@ -107,8 +110,8 @@ def _add_distill(sub):
                         f"(default: {S('clone_modules')})")
     p.add_argument("--batch-size", type=_pos_int, default=None,
                    help=f"texts per step and process (default: {S('batch_size')} for swap, {L('batch_size')} for lrc)")
-    p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=S("seq_len"),
-                   help="tokens per text at most")
+    p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=None,
+                   help=f"tokens per text at most (default: {S('seq_len')}; 2048 with --method lrc --preset paper)")
     p.add_argument("--heldout", type=_number(int, 2, what="an int >= 2"), default=None,
                    help="texts held out for the fidelity table (default: 10%% of the texts, at most 512)")
     p.add_argument("--calib-texts", type=_pos_int, default=None,
@@ -138,12 +141,27 @@ def _add_distill(sub):
                      help="student hidden size d_S")
     lrc.add_argument("--share-qkv", action="store_true", help="one projection for q, k and v")
     lrc.add_argument("--share-gate-up", action="store_true", help="one projection for gate and up")
-    lrc.add_argument("--alpha", type=_nonneg_float, default=LRCLoss.alpha, help="weight of the clone loss")
-    lrc.add_argument("--temperature", type=_pos_float, default=LRCLoss.temperature, help="KD temperature")
-    lrc.add_argument("--kd-weight", type=_nonneg_float, default=LRCLoss.kd_weight,
-                     help="weight of the KD term (encoders: of the embedding term)")
-    lrc.add_argument("--lm-weight", type=_nonneg_float, default=LRCLoss.lm_weight,
-                     help="weight of the next-token cross-entropy (causal LMs)")
+    lrc.add_argument("--preset", choices=list(LRC_PRESETS), default=None,
+                     help="paper: the paper's recipe (Adam, lr 1e-4, 0.5%% warm-up then linear decay, random init, "
+                          "T 40, alpha 0.2 or 0.5 for students wider than half the teacher, 2048-token sequences, "
+                          "16 per step); flags given override it (default: none, the small built-in run's settings)")
+    lrc.add_argument("--attn-clone", choices=list(ATTN_CLONES), default=None,
+                     help="attention-output clone term: student = the paper's E(o_S, o_T P_o) in the student width; "
+                          "teacher = the authors' code's, the student's attention result through the teacher's "
+                          f"o_proj against o_T in the teacher width (default: {L('attn_clone')})")
+    lrc.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                     help=f"learning-rate decay after the warm-up; wsd = warm-up-stable-decay (default: "
+                          f"{L('schedule')}; linear with --preset paper)")
+    lrc.add_argument("--decay-fraction", type=_fraction, default=None,
+                     help=f"--schedule wsd: final fraction of the run that decays to 0 (default: {L('decay_fraction')})")
+    lrc.add_argument("--alpha", type=_nonneg_float, default=None,
+                     help=f"weight of the clone loss (default: {LRCLoss.alpha}; --preset paper: by width)")
+    lrc.add_argument("--temperature", type=_pos_float, default=None,
+                     help=f"KD temperature (default: {LRCLoss.temperature:g})")
+    lrc.add_argument("--kd-weight", type=_nonneg_float, default=None,
+                     help=f"weight of the KD term (encoders: of the embedding term) (default: {LRCLoss.kd_weight:g})")
+    lrc.add_argument("--lm-weight", type=_nonneg_float, default=None,
+                     help=f"weight of the next-token cross-entropy (causal LMs) (default: {LRCLoss.lm_weight:g})")
     lrc.add_argument("--gradient-checkpointing", action="store_true", help="recompute student blocks in backward")
     p.set_defaults(func=_run_distill)
 
@@ -154,12 +172,12 @@ def _given(args, **names) -> dict:
 
 
 def _common(args) -> dict:
-    return dict(teacher=args.teacher, data=args.data, seq_len=args.seq_len, minutes=args.minutes,
+    return dict(teacher=args.teacher, data=args.data, minutes=args.minutes,
                 device=args.device, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                 keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
                 save_worse=args.save_worse, progress=not args.quiet,
                 **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
-                         calib_texts="calib_texts", output="output"))
+                         calib_texts="calib_texts", output="output", seq_len="seq_len"))
 
 
 def _print_result(result, what: str) -> None:
@@ -179,9 +197,10 @@ def _print_result(result, what: str) -> None:
     print(f"total wall time {result.total_seconds:.0f} s")
 
 
-def _run_lrc(args) -> int:
+def _lrc_recipe(args):
+    """The LRCRecipe of parsed ``distill --method lrc`` arguments (a --preset's values under the flags given)."""
     from .clone import LRCLoss
-    from .recipes import LRCRecipe, run_lrc_recipe
+    from .recipes import LRCRecipe, lrc_preset
 
     for flag, value in (("--clone", args.clone), ("--allocation", args.allocation), ("--rank", args.rank),
                         ("--target-modules", args.target_modules)):
@@ -189,11 +208,20 @@ def _run_lrc(args) -> int:
             raise _FlagError(flag, "is for --method swap")
     if args.init not in (None, "random", "pca"):
         raise _FlagError("--init", f"{args.init} is not a Low-Rank Clone init; use pca or random")
-    recipe = LRCRecipe(student_hidden=args.student_hidden, share_qkv=args.share_qkv, share_gate_up=args.share_gate_up,
-                       loss=LRCLoss(alpha=args.alpha, temperature=args.temperature, kd_weight=args.kd_weight,
-                                    lm_weight=args.lm_weight),
-                       gradient_checkpointing=args.gradient_checkpointing, **_given(args, init="init"), **_common(args))
-    result = run_lrc_recipe(recipe)
+    loss = _given(args, alpha="alpha", temperature="temperature", kd_weight="kd_weight", lm_weight="lm_weight")
+    fields = dict(student_hidden=args.student_hidden, share_qkv=args.share_qkv, share_gate_up=args.share_gate_up,
+                  gradient_checkpointing=args.gradient_checkpointing, **_common(args),
+                  **_given(args, init="init", attn_clone="attn_clone", schedule="schedule",
+                           decay_fraction="decay_fraction"))
+    if args.preset:
+        return lrc_preset(args.preset, loss_fields=loss, **fields)
+    return LRCRecipe(loss=LRCLoss(**loss), **fields)
+
+
+def _run_lrc(args) -> int:
+    from .recipes import run_lrc_recipe
+
+    result = run_lrc_recipe(_lrc_recipe(args))
     if result.rank != 0:
         return 0
     print()
@@ -211,6 +239,9 @@ def _run_distill(args) -> int:
 
     if args.init == "pca":
         raise _FlagError("--init", "pca is for --method lrc; swap inits are whitened, svd, random")
+    for flag in ("preset", "attn_clone", "schedule", "decay_fraction", "alpha", "temperature", "kd_weight", "lm_weight"):
+        if getattr(args, flag) is not None:
+            raise _FlagError("--" + flag.replace("_", "-"), "is for --method lrc")
     recipe = SwapRecipe(keep=args.keep, rank=args.rank, target_modules=args.target_modules,
                         allocation=args.allocation, teacher_cache=args.teacher_cache,
                         **_given(args, init="init", clone_modules="clone"), **_common(args))

@@ -15,7 +15,7 @@ from torch import nn
 
 __all__ = ["SCHEDULES", "TrainConfig", "TrainingLoop"]
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -26,6 +26,9 @@ class TrainConfig:
     max_minutes: optional time cap: the run stops (with its final checkpoint) once this much time has
         passed, and the schedule then follows whichever of steps and minutes is further along.
     warmup: fraction of the run spent warming the learning rate up.
+    schedule: after the warm-up, "cosine" or "linear" decay to 0 over the rest of the run, "constant",
+        or "wsd" (warm-up-stable-decay): the peak until the last ``decay_fraction`` of the run, then a
+        linear decay to 0 over it.
     dropout: keep the model's dropout on while training (off: it trains in eval mode).
     checkpoint_every: steps between checkpoints in ``checkpoint_dir`` (0: only ``last.pt`` at the end).
     diagnostics_every: steps between representation diagnostics (0: off): per-layer linear CKA and
@@ -43,7 +46,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup: float = 0.05
-    schedule: str = "cosine"  # after warm-up: "cosine" | "linear" | "constant"
+    schedule: str = "cosine"  # after warm-up: "cosine" | "linear" | "constant" | "wsd"
+    decay_fraction: float = 0.1  # "wsd": the final fraction of the run that decays linearly to 0
     max_grad_norm: float = 1.0  # 0 turns clipping off
     dropout: bool = False
     log_every: int = 10
@@ -69,6 +73,12 @@ class TrainConfig:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.decay_fraction, bool) or not isinstance(self.decay_fraction, (int, float)) \
+                or not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be a fraction in (0, 1], got {self.decay_fraction!r}")
+        if self.schedule == "wsd" and self.warmup + self.decay_fraction > 1:
+            raise ValueError(f"warmup + decay_fraction must be <= 1 for schedule 'wsd', got "
+                             f"{self.warmup} + {self.decay_fraction}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.log_every < 1:
@@ -173,6 +183,8 @@ class TrainingLoop:
             return warm_p / w
         if self.cfg.schedule == "constant":
             return 1.0
+        if self.cfg.schedule == "wsd":  # stable at the peak, then linear to 0 over the last decay_fraction
+            return min(1.0, max(0.0, (1 - decay_p) / self.cfg.decay_fraction))
         frac = min(1.0, max(0.0, (decay_p - w) / (1 - w)))
         return 1 - frac if self.cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 

@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as tf
 
 from lrkd_fast import set_backend
@@ -302,3 +303,170 @@ def test_the_loss_settings_have_one_owner_and_the_trainer_uses_them():
     assert type(LRCTrainer(hot, DistillConfig(steps=5)).cfg) is TrainConfig
     with pytest.raises(TypeError, match="clone must be a LowRankClone"):
         LRCTrainer(t)
+
+
+# ----------------------------------------------------------------------------- attention-output form, head projection
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_teacher_width_attention_term_fused_and_eager_agree(kind):
+    # attn_clone="teacher": the attention term is a direct pair in the teacher width, through the fused clone loss
+    c = LowRankClone.from_teacher(tiny(kind), 16, attn_clone="teacher")
+    ids, am = batch()
+    eager = _step(c, ids, am)
+    with set_backend("triton"):
+        fused = _step(c, ids, am)
+    _assert_same_step(eager, fused, rtol=2e-4, atol=1e-6)
+    student = LowRankClone.from_teacher(tiny(kind), 16)
+    student.load_state_dict(c.state_dict())
+    assert _step(student, ids, am)[0] != eager[0]  # the two forms are different losses
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_teacher_width_attention_term_reference(kind):
+    # E(o_S', o_T): o_S' = the student's attention result (o_proj input) through the teacher's o_proj;
+    # o_T = the teacher's o_proj output. Both caught by hooks on a plain forward of each model.
+    t = tiny(kind)
+    c = LowRankClone.from_teacher(t, 16, attn_clone="teacher", clone_weights={s: 0.0 for s in
+                                  ("q", "k", "v", "gate", "up", "down")}, kd_weight=0.0, lm_weight=0.0, alpha=1.0)
+    ids, am = batch()
+    fam = c.family
+    path = fam.site_module("o")
+    caught = {}
+    hooks = []
+    for i in range(c.n_layers):
+        hooks.append(c.t_layers[i].get_submodule(path).register_forward_hook(
+            lambda m, a, o, i=i: caught.__setitem__(("t", i), o)))
+        hooks.append(c.s_layers[i].get_submodule(path).register_forward_pre_hook(
+            lambda m, a, i=i: caught.__setitem__(("a", i), a[0])))
+    with torch.no_grad():
+        loss = c(ids, attention_mask=am).loss
+        for h in hooks:
+            h.remove()
+        kw = {} if kind == "bert" else {"use_cache": False}
+        base = t if kind == "bert" else t.model
+        base(input_ids=ids, attention_mask=am, **kw)
+        c.student_forward(input_ids=ids, attention_mask=am)  # formed weights: its o_proj input is a_S
+        keep = am.reshape(-1).bool()
+        ref = 0.0
+        for i in range(c.n_layers):
+            t_o = c.t_layers[i].get_submodule(path)
+            wide = F.linear(caught[("a", i)], t_o.weight, t_o.bias)
+            d = (wide - caught[("t", i)]).reshape(-1, wide.shape[-1])[keep]
+            ref += d.pow(2).mean()
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_form_identity_checkpointing_and_association():
+    t = tiny("llama")
+    ids, am = batch()
+    c = LowRankClone.from_teacher(t, 32, init="identity", attn_clone="teacher")
+    assert c(ids, attention_mask=am).parts["clone"] == 0.0
+    torch.manual_seed(0)
+    ref = _step(LowRankClone.from_teacher(t, 16, attn_clone="teacher"), ids, am)
+    for kw in (dict(gradient_checkpointing=True), dict(association="factorized"), dict(association="formed")):
+        torch.manual_seed(0)
+        _assert_same_step(ref, _step(LowRankClone.from_teacher(t, 16, attn_clone="teacher", **kw), ids, am))
+
+
+@pytest.mark.parametrize("tied_teacher", [False, True])
+def test_untied_head_projection_export_round_trip(tied_teacher):
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied_teacher)
+    t = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    c = LowRankClone.from_teacher(t, 16, tie_head_projection=False)
+    assert "head" in c.proj and c.proj["head"].shape == (32, 16)
+    ids, am = batch()
+    c(ids, attention_mask=am).loss.backward()
+    assert c.proj["head"].grad.abs().sum() > 0
+    with torch.no_grad():
+        c.proj["head"].mul_(1.7)  # head and embedding projections apart
+    W = dict(t.named_parameters(remove_duplicate=False))
+    with tempfile.TemporaryDirectory() as d:
+        c.save_student(d)
+        m = tf.AutoModelForCausalLM.from_pretrained(d).eval()
+        assert m.config.tie_word_embeddings is False
+        torch.testing.assert_close(m.lm_head.weight, W["lm_head.weight"] @ c.proj["head"])
+        torch.testing.assert_close(m.model.embed_tokens.weight, W["model.embed_tokens.weight"] @ c.proj["emb"])
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=ids, attention_mask=am).logits,
+                                       c.student_forward(input_ids=ids, attention_mask=am).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_attn_clone_and_head_projection_bad_inputs():
+    with pytest.raises(ValueError, match="attn_clone must be one of"):
+        LowRankClone.from_teacher(tiny("llama"), 16, attn_clone="wide")
+    with pytest.raises(ValueError, match="tie_head_projection=False needs a family with an LM head; bert"):
+        LowRankClone.from_teacher(tiny("bert"), 16, tie_head_projection=False)
+    with pytest.raises(TypeError, match="tie_head_projection must be a bool"):
+        LowRankClone.from_teacher(tiny("llama"), 16, tie_head_projection="no")
+
+
+# ----------------------------------------------------------------------------- the paper preset and its schedule
+
+def test_paper_preset_values(tiny_teacher_dir):
+    from lrkd_fast.recipes import RecipeError
+    from lrkd_fast.recipes.lrc import LRCRecipe, lrc_preset, lrc_train_config, paper_alpha
+
+    # alpha: 0.2 at half the teacher's width or less (LRC-1.5B), 0.5 wider (LRC-1.7B, LRC-4B)
+    assert [paper_alpha(3072, 1536), paper_alpha(2048, 1200), paper_alpha(3584, 2048)] == [0.2, 0.5, 0.5]
+    with pytest.raises(ValueError, match="student_hidden"):
+        paper_alpha(64, 64)
+    r = lrc_preset("paper", teacher=tiny_teacher_dir, student_hidden=16)  # hidden 32 -> 16: alpha 0.2
+    assert (r.preset, r.init, r.lr, r.warmup, r.schedule, r.seq_len, r.batch_size) == \
+        ("paper", "random", 1e-4, 0.005, "linear", 2048, 16)
+    assert (r.loss.alpha, r.loss.temperature, r.loss.kd_weight, r.loss.lm_weight) == (0.2, 40.0, 1.0, 1.0)
+    assert lrc_preset("paper", teacher=tiny_teacher_dir, student_hidden=24).loss.alpha == 0.5
+    cfg = lrc_train_config(r)
+    assert (cfg.lr, cfg.warmup, cfg.schedule, cfg.weight_decay) == (1e-4, 0.005, "linear", 0.0)  # AdamW, wd 0 = Adam
+    over = lrc_preset("paper", teacher=tiny_teacher_dir, student_hidden=16, lr=3e-4, loss_fields={"alpha": 0.7})
+    assert (over.lr, over.loss.alpha, over.loss.temperature) == (3e-4, 0.7, 40.0)
+    # the small built-in run keeps its own defaults
+    d = LRCRecipe()
+    assert (d.preset, d.init, d.lr, d.schedule, d.seq_len, d.loss.temperature) == (None, "pca", 1e-3, "cosine", 128, 40.0)
+    with pytest.raises(ValueError, match="name must be one of"):
+        lrc_preset("llama")
+    with pytest.raises(RecipeError, match="schedule"):
+        LRCRecipe(schedule="step")
+    with pytest.raises(RecipeError, match="attn_clone"):
+        LRCRecipe(attn_clone="wide")
+
+
+def test_cli_preset_and_attn_clone_flags(tiny_teacher_dir):
+    from lrkd_fast.cli import _lrc_recipe, build_parser, main
+
+    parse = lambda *a: build_parser().parse_args(["distill", "--method", "lrc", "--teacher", tiny_teacher_dir, *a])  # noqa: E731
+    r = _lrc_recipe(parse("--preset", "paper", "--student-hidden", "16"))
+    assert (r.preset, r.lr, r.schedule, r.warmup, r.seq_len, r.loss.alpha, r.loss.temperature) == \
+        ("paper", 1e-4, "linear", 0.005, 2048, 0.2, 40.0)
+    r = _lrc_recipe(parse("--preset", "paper", "--student-hidden", "16", "--seq-len", "64", "--alpha", "0.9",
+                          "--attn-clone", "teacher", "--schedule", "wsd", "--decay-fraction", "0.2"))
+    assert (r.seq_len, r.loss.alpha, r.attn_clone, r.schedule, r.decay_fraction) == (64, 0.9, "teacher", "wsd", 0.2)
+    r = _lrc_recipe(parse())
+    assert (r.preset, r.lr, r.seq_len, r.attn_clone, r.loss.alpha) == (None, 1e-3, 128, "student", 0.2)
+    assert main(["distill", "--attn-clone", "teacher"]) == 2  # swap: refused, naming the flag
+
+
+@pytest.mark.parametrize("schedule,decay,expect", [
+    # 1000 steps, warm-up 0.5% (5 steps): lr factor at steps 0, 4, 5, 500, 899, 900, 950, 999
+    ("linear", 0.1, [0.2, 1.0, 1 - 0 / 995, 1 - 495 / 995, 1 - 894 / 995, 1 - 895 / 995, 1 - 945 / 995, 1 - 994 / 995]),
+    ("wsd", 0.1, [0.2, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.01]),
+    ("wsd", 0.5, [0.2, 1.0, 1.0, 1.0, 0.202, 0.2, 0.1, 0.002]),
+])
+def test_schedule_lr_at_given_steps(schedule, decay, expect):
+    from lrkd_fast.clone import LRCTrainer
+    from lrkd_fast.training import TrainConfig
+
+    trainer = LRCTrainer(LowRankClone.from_teacher(tiny("llama"), 16),
+        TrainConfig(steps=1000, warmup=0.005, schedule=schedule, decay_fraction=decay))
+    got = [trainer._lr_factor(s) for s in (0, 4, 5, 500, 899, 900, 950, 999)]
+    assert got == pytest.approx(expect, abs=1e-12)
+
+
+def test_wsd_config_checks():
+    from lrkd_fast.training import TrainConfig
+
+    with pytest.raises(ValueError, match="decay_fraction must be a fraction"):
+        TrainConfig(schedule="wsd", decay_fraction=0.0)
+    with pytest.raises(ValueError, match="warmup \\+ decay_fraction must be <= 1"):
+        TrainConfig(schedule="wsd", warmup=0.5, decay_fraction=0.6)

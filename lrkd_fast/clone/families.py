@@ -38,6 +38,7 @@ class Family:
     passthrough: tuple = ()  # modules inside a block used exactly as the teacher's (frozen)
     both_sides: tuple = ()  # top-level linears d_T -> d_T (BERT pooler): P_emb^T W P_emb, b @ P_emb
     head_dim_explicit: bool = True  # the HF config has a head_dim field the student sets
+    attn_out: str = "o"  # the out site that is the attention output (its clone term follows attn_clone)
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

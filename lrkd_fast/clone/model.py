@@ -32,6 +32,21 @@ Association order for input-side sites (``association="auto"``): forming W_S = W
 the step has few tokens, roughly M < d_S d_m / (d_T + d_m - d_S)); the factorized order is applied by
 a pre-hook that maps the block input through P and feeds the teacher weight to the same module.
 
+The attention-output clone term (``attn_clone``)
+-----------------------------------------------
+LRC keeps the teacher's heads and head_dim, so the student's attention result a_S (the per-head
+attention output, heads concatenated: the input of its o_proj, width heads * head_dim, in the
+teacher's head layout) has the teacher's shape, and the student's o_proj is P_o^T W_o:
+o_S = a_S W_o^T P_o (+ b_o P_o where the family has an o_proj bias).
+
+* ``"student"`` (the paper's form): E(o_S, o_T P_o), compared in the student width d_S; the
+  gradient reaches P_o through both sides.
+* ``"teacher"`` (the authors' code's form): E(o_S', o_T) with o_S' = a_S W_o^T (+ b_o), the
+  student's attention result passed through the TEACHER's o_proj, compared in the teacher width
+  d_T before the down projection; o_S' does not involve P_o, so no gradient reaches P_o from this
+  term (P_o still trains through everything downstream). The student's o_proj then runs in that
+  order, o_S = o_S' P_o (a forward hook), so o_S' costs no extra matmul.
+
 Loss:  kd_weight * KL_T(p_T || p_S) [batchmean, no T^2] + lm_weight * CE + alpha * sum_layers clone
 (causal LMs). Encoders (BERT) have no LM head: the output term is 1 - cos(mean_pool(h_S),
 mean_pool(h_T) @ P_emb) per text, averaged, weighted by kd_weight. Padding (attention_mask 0) rows
@@ -62,9 +77,11 @@ from .families import family_for
 from .lrc_bert import LRC_BERT_SOURCE, lrc_bert_class
 from .pca import norm_through, principal_subspace
 
-__all__ = ["INITS", "LRC_BERT_SOURCE", "CloneOutput", "LRCLoss", "LowRankClone", "lrc_bert_class"]
+__all__ = ["ATTN_CLONES", "DEFAULT_ATTN_CLONE", "INITS", "LRC_BERT_SOURCE", "CloneOutput", "LRCLoss", "LowRankClone", "lrc_bert_class"]
 
 INITS = ("random", "pca", "identity")
+ATTN_CLONES = ("student", "teacher")
+DEFAULT_ATTN_CLONE = "student"  # chosen by measurement: benchmarks/results/lrc_attn_clone
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -120,7 +137,8 @@ class LowRankClone(nn.Module):
                  init_std: float = 0.02, share_qkv: bool = False, share_gate_up: bool = False,
                  loss: Optional[LRCLoss] = None, clone_weights: Optional[dict] = None,
                  gradient_checkpointing: bool = False, association: str = "auto", calibration=None,
-                 separate_parts: bool = False, **loss_fields):
+                 separate_parts: bool = False, attn_clone: str = DEFAULT_ATTN_CLONE, tie_head_projection: bool = True,
+                 **loss_fields):
         super().__init__()
         if loss is not None and not isinstance(loss, LRCLoss):
             raise TypeError(f"loss must be an LRCLoss, got {type(loss).__name__}")
@@ -146,6 +164,12 @@ class LowRankClone(nn.Module):
                              f"hidden size ({d_T})")
         if association not in ("auto", "formed", "factorized"):
             raise ValueError(f"association must be 'auto', 'formed' or 'factorized', got {association!r}")
+        if attn_clone not in ATTN_CLONES:
+            raise ValueError(f"attn_clone must be one of {ATTN_CLONES}, got {attn_clone!r}")
+        if not isinstance(tie_head_projection, bool):
+            raise TypeError(f"tie_head_projection must be a bool, got {type(tie_head_projection).__name__}")
+        if not tie_head_projection and fam.head is None:
+            raise ValueError(f"tie_head_projection=False needs a family with an LM head; {fam.name} has none")
         layer_types = getattr(tcfg, "layer_types", None)
         if layer_types and len(set(layer_types)) > 1:
             # the block inputs are captured once (at block 0) and reused: one mask for every block
@@ -164,6 +188,8 @@ class LowRankClone(nn.Module):
         self.clone_weights = dict(clone_weights or {})
         self.gradient_checkpointing, self.association = gradient_checkpointing, association
         self.share_qkv, self.share_gate_up, self.separate_parts = share_qkv, share_gate_up, separate_parts
+        self.attn_clone, self.tie_head_projection = attn_clone, tie_head_projection
+        self.head_key = "emb" if tie_head_projection else "head"  # projection of the LM head
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
@@ -173,6 +199,8 @@ class LowRankClone(nn.Module):
         scfg = copy.deepcopy(tcfg)
         scfg.hidden_size = student_hidden_size
         scfg.head_dim = head_dim
+        if not tie_head_projection:  # E_T P_emb and W_head P_head differ: the student cannot tie them
+            scfg.tie_word_embeddings = False
         self.student_class = type(teacher) if fam.causal else lrc_bert_class()
         with torch.device("meta"):
             student = self.student_class(scfg)
@@ -216,7 +244,6 @@ class LowRankClone(nn.Module):
                 self.layer_plans[int(m.group(1))][m.group(2)] = rule
             else:
                 self.top_plan[name] = rule
-        self._tied_head = fam.head is not None and getattr(scfg, "tie_word_embeddings", False)
         self._init(init, init_std, calibration)
 
         # ---- hooks: teacher and student activations at the clone sites
@@ -224,11 +251,15 @@ class LowRankClone(nn.Module):
         self._acts_s: dict = {}
         self._capture = False
         self._factorized: dict = {}  # id(student module) -> projection key, for the current step
+        self._factorized_out: dict = {}  # the same for the attention output run in the teacher width
+        self._acts_wide: dict = {}  # attn_clone="teacher": o_S' (teacher width) of the current block
         self._hooks = []
         for i in range(self.n_layers):
             for site in fam.sites:
                 path = fam.site_module(site)
                 tm, sm = self.t_layers[i].get_submodule(path), self.s_layers[i].get_submodule(path)
+                if site == fam.attn_out:  # before _catch, so that it catches o_S (width d_S) either way
+                    self._hooks.append(sm.register_forward_hook(self._wide_out_hook(site)))
                 self._hooks.append(tm.register_forward_hook(self._catch("_acts_t", site)))
                 self._hooks.append(sm.register_forward_hook(self._catch("_acts_s", site)))
                 if site in fam.in_sites:
@@ -242,7 +273,15 @@ class LowRankClone(nn.Module):
         the top-d_S principal directions of the teacher's hidden states on ``calibration`` batches, and the
         norms from the teacher's norms seen through those directions), or
         "identity" (d_S == d_T, every projection the identity, norms copied: the student equals the
-        teacher; for tests). Other keywords: see the class signature.
+        teacher; for tests).
+        attn_clone: the attention-output clone term. "student" (the paper's form) compares E(o_S, o_T P_o)
+        in the student width; "teacher" (the authors' code's form) compares the student's attention
+        result passed through the teacher's o_proj with o_T in the teacher width, so no gradient
+        reaches P_o from that term (module docstring).
+        tie_head_projection: True (the paper's and the authors' default): the LM head's projection is
+        P_emb (W_head_S = W_head P_emb); False: a projection of its own, P_head, initialized as every
+        other projection (the exported student then has untied embeddings and head).
+        Other keywords: see the class signature.
         """
         return cls(teacher, student_hidden_size, init=init, **kw)
 
@@ -283,7 +322,8 @@ class LowRankClone(nn.Module):
                 if rel == mod + ".weight":
                     return ("emb", name, "emb")
             if fam.head and name == fam.head + ".weight":
-                return ("emb", name, "emb")  # head tied to P_emb, as in the reference code
+                # tie_head_projection: P_emb, as in the reference code's default; else P_head
+                return ("emb", name, self._proj_key(self.head_key, dev, dt))
             for mod in (fam.final_norm, fam.embed_norm):
                 if mod and rel is not None and rel.startswith(mod + "."):
                     return self._norm_rule(name, dev, dt)
@@ -356,14 +396,23 @@ class LowRankClone(nn.Module):
 
     def layer_weights(self, i: int, tokens: Optional[int] = None) -> dict:
         """Block i's student weights (names relative to the block), formed from teacher weights and
-        projections; input-side sites run factorized instead when that is cheaper for ``tokens``."""
+        projections. With ``tokens`` (a training forward): input-side sites run factorized instead when
+        that is cheaper for ``tokens``, and under ``attn_clone="teacher"`` the attention output module
+        gets the teacher's o_proj weight (and bias), its forward hook mapping the result through P_o."""
         tparams = self._tparams_layer(i)
+        wide = self.s_layers[i].get_submodule(self.family.site_module(self.family.attn_out)) \
+            if self.attn_clone == "teacher" and tokens is not None else None
         out = {}
         for rel, rule in self.layer_plans[i].items():
+            mod_path = rel.rsplit(".", 1)[0]
             if rule[0] == "in" and tokens is not None and self._use_factorized(tparams[rule[1]].shape[0], tokens):
-                mod = self.s_layers[i].get_submodule(rel.rsplit(".", 1)[0])
+                mod = self.s_layers[i].get_submodule(mod_path)
                 self._factorized[id(mod)] = rule[2]
                 out[rel] = tparams[rule[1]]  # the teacher weight; the pre-hook maps the input through P
+                continue
+            if wide is not None and rule[0] in ("out", "out_bias") and self.s_layers[i].get_submodule(mod_path) is wide:
+                self._factorized_out[id(wide)] = rule[2]
+                out[rel] = tparams[rule[1]]  # the teacher's o_proj: the module computes o_S' = a_S W_o^T + b_o
                 continue
             out[rel] = self._weight(rule, tparams)
         return out
@@ -397,6 +446,16 @@ class LowRankClone(nn.Module):
             return None
         return (F.linear(args[0], self.proj[key]),) + tuple(args[1:])
 
+    def _wide_out_hook(self, site):
+        def fn(module, args, out):
+            key = self._factorized_out.get(id(module))
+            if key is None:
+                return None
+            if self._capture:
+                self._acts_wide[site] = out  # o_S', teacher width: this form's clone term
+            return out @ self.proj[key]  # o_S = o_S' P_o, the student's attention output
+        return fn
+
     def train(self, mode: bool = True):
         # teacher and student modules stay in eval mode: LRC trains without dropout
         self.training = mode
@@ -404,13 +463,17 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, **unused) -> CloneOutput:
+                token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                **unused) -> CloneOutput:
         fam = self.family
         B, L = input_ids.shape
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # a 4-D attention mask (packed documents, lrkd_fast.packed) goes to both models as it is; every token counts
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else torch.ones_like(input_ids)
         tparams = dict(self.teacher.named_parameters(remove_duplicate=False))
         P_emb = self.proj["emb"]
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
         if fam.causal:
             extra["use_cache"] = False
         # inputs of the first block, built by each model's own forward
@@ -431,6 +494,7 @@ class LowRankClone(nn.Module):
         clone_total = hT.new_zeros((), dtype=torch.float32)
         term_sums = torch.zeros(len(sites), dtype=torch.float32, device=hT.device)
         self._factorized.clear()
+        self._factorized_out.clear()
         for i in range(self.n_layers):
             weights = self.layer_weights(i, tokens=B * L)
             self._capture = True
@@ -445,16 +509,19 @@ class LowRankClone(nn.Module):
                 else:
                     hS = run(hS)
                 acts_s, self._acts_s = self._acts_s, {}
+                acts_wide, self._acts_wide = self._acts_wide, {}
             finally:
                 self._capture = False
             pairs = []
             for s in sites:
-                if s in fam.out_sites:
+                if s in acts_wide:  # attn_clone="teacher": E(o_S', o_T) in the teacher width, no P
+                    pairs.append((acts_wide[s], acts_t[s]))
+                elif s in fam.out_sites:
                     pairs.append((acts_s[s], acts_t[s], self.proj[self.plan_key(i, s)]))
                 else:
                     pairs.append((acts_s[s], acts_t[s]))
             lc, terms = clone_loss(pairs, alpha=1.0, mask=flat_mask, weights=w, return_terms=True)
-            del pairs, acts_t, acts_s  # teacher activations of this block are released here
+            del pairs, acts_t, acts_s, acts_wide  # teacher activations of this block are released here
             clone_total = clone_total + lc
             term_sums += terms
         parts = {}
@@ -469,7 +536,7 @@ class LowRankClone(nn.Module):
             labels[:, :-1] = torch.where(mask[:, 1:].bool(), input_ids[:, 1:], -100)
             hs, ht, lab = hS.reshape(-1, self.d_S)[keep], hT.reshape(-1, self.d_T)[keep], labels.reshape(-1)[keep]
             W_head = tparams[fam.head + ".weight"]
-            W_S = W_head @ P_emb
+            W_S = W_head @ self.proj[self.head_key]
             common = dict(teacher_hidden=ht, teacher_weight=W_head, temperature=self.loss.temperature,
                           reduction="batchmean", batch_size=B, ce_reduction="mean", kl_on_ignored=True)
             if self.separate_parts:
@@ -506,6 +573,7 @@ class LowRankClone(nn.Module):
     def student_forward(self, **inputs):
         """The student model's own forward with the current weights (functional_call, no export)."""
         self._factorized.clear()
+        self._factorized_out.clear()
         return functional_call(self.student, self.student_state_dict(), (), inputs, strict=False, tie_weights=False)
 
     @torch.no_grad()
