@@ -9,7 +9,10 @@ from torch import Tensor, nn
 
 from .ops.lowrank_linear import lowrank_linear
 
-__all__ = ["LowRankLinear", "check_rank", "svd_factors"]
+__all__ = ["DENSE_KINDS", "LowRankLinear", "check_rank", "svd_factors"]
+
+# the dense layers a LowRankLinear can stand for: nn.Linear and GPT-2's Conv1D (weight stored (in, out))
+DENSE_KINDS = ("linear", "conv1d")
 
 
 def check_rank(rank, in_features: int, out_features: int) -> int:
@@ -114,6 +117,8 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """The dense layer of the kind this one replaced (``nn.Linear`` or GPT-2's ``Conv1D``)."""
+        if self.dense_kind not in DENSE_KINDS:
+            raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got {self.dense_kind!r}")
         if self.dense_kind == "linear":
             return self.to_linear()
         from transformers.pytorch_utils import Conv1D

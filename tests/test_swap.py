@@ -286,3 +286,59 @@ def test_sequential_full_rank_reproduces_outputs_and_checks_its_config(eager_bac
                            calibration=calib, progress=False)
     with pytest.raises(ValueError, match="calibration"):
         swap_linear_layers(tiny("bert"), LowRankConfig(init="whitened", sequential=True))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(target_modules=r"encoder\.(query"), r"target_modules: 'encoder\\\\.\(query' is not a valid regular expression"),
+    (dict(exclude_modules="[pooler"), r"exclude_modules: '\[pooler' is not a valid regular expression"),
+    (dict(rank_pattern={"q_proj)": 2}), r"rank_pattern: 'q_proj\)' is not a valid regular expression"),
+])
+def test_invalid_regex_names_the_argument_and_the_pattern(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankConfig(**kwargs)
+    with pytest.raises(TypeError, match="rank_pattern keys must be regex strings"):
+        LowRankConfig(rank_pattern={3: 2})
+
+
+def _dead_feature_mlp():
+    """Linear(4, 6) -> ReLU -> Linear(6, 5) whose hidden feature 0 is always 0: the second layer's input
+    Gram matrix is singular."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0
+    return model
+
+
+def test_rank_deficient_calibration_with_no_damping_names_the_layer():
+    data = [torch.randn(64, 4)]
+    feed = lambda m, b: m(b)
+    with pytest.raises(ValueError, match=r"layer '2': .*not positive definite.*damping > 0"):
+        swap_linear_layers(_dead_feature_mlp(), LowRankConfig(rank=2, init="whitened", damping=0.0),
+                           calibration=data, forward=feed, progress=False)
+    with pytest.raises(ValueError, match=r"layer '2': .*not positive definite"):
+        swap_linear_layers(_dead_feature_mlp(), LowRankConfig(rank=2, init="whitened", damping=0.0,
+                                                              allocation="sensitivity"),
+                           calibration=data, forward=feed, progress=False)
+    # with damping the same data is fine, and the dead input gets no weight
+    model = _dead_feature_mlp()
+    swap_linear_layers(model, LowRankConfig(rank=2, init="whitened"), calibration=data, forward=feed, progress=False)
+    assert torch.isfinite(model[2].U).all() and torch.isfinite(model[2].V).all()
+    # the function itself
+    gram = torch.eye(6, dtype=torch.float64)
+    gram[3, 3] = 0.0
+    with pytest.raises(ValueError, match=r"layer 'fc': .*Cholesky failed at column 4 of 6"):
+        whitened_factors(torch.randn(5, 6), gram, 2, damping=0.0, name="fc")
+
+
+def test_nan_calibration_data_names_the_layer(eager_backend):
+    model = tiny("bert").eval()
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[5] = float("nan")
+    batch = _calib()
+    batch[0]["input_ids"][0, 0] = 5
+    with pytest.raises(ValueError, match=r"layer 'encoder\.layer\.0\.attention\.self\.query': .*NaN.*calibration data"):
+        swap_linear_layers(model, LowRankConfig(init="whitened"), calibration=batch, progress=False)
+    with pytest.raises(ValueError, match=r"whitened init: .*NaN"):
+        whitened_factors(torch.randn(5, 6), torch.full((6, 6), float("nan")), 2)

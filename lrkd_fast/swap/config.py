@@ -14,7 +14,7 @@ from ..layers import check_rank
 from ..rank import rank_for_fraction
 
 __all__ = ["ALLOCATIONS", "INITS", "LayerReport", "LowRankConfig", "SwapReport", "dense_weight", "find_target_layers",
-           "is_dense", "layer_ranks"]
+           "is_dense", "layer_ranks", "tied_embeddings"]
 
 INITS = ("svd", "whitened", "random")
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -72,6 +72,9 @@ class LowRankConfig:
         if not isinstance(self.rank_pattern, dict):
             raise TypeError(f"rank_pattern must be a dict {{regex: rank}}, got {self.rank_pattern!r}")
         for k, v in self.rank_pattern.items():
+            if not isinstance(k, str):
+                raise TypeError(f"rank_pattern keys must be regex strings, got {k!r}")
+            _check_regex("rank_pattern", k, rf"(.*\.)?{k}")
             _check_rank_spec(f"rank_pattern[{k!r}]", v)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
@@ -81,6 +84,10 @@ class LowRankConfig:
         if self.exclude_modules is not None and not (isinstance(self.exclude_modules, str)
                                                      or _is_str_list(self.exclude_modules)):
             raise TypeError(f"exclude_modules must be a regex string or a list of names, got {self.exclude_modules!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            _check_regex("target_modules", self.target_modules)
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules)
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
         if self.allocation not in ALLOCATIONS:
@@ -100,6 +107,14 @@ class LowRankConfig:
 
 def _is_str_list(x) -> bool:
     return isinstance(x, (list, tuple, set)) and all(isinstance(s, str) for s in x)
+
+
+def _check_regex(name: str, pattern: str, compiled: Optional[str] = None) -> None:
+    """``pattern`` (as ``compiled``, when it is used inside a larger regex) must be a valid regex."""
+    try:
+        re.compile(pattern if compiled is None else compiled)
+    except re.error as exc:
+        raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _check_rank_spec(name, v):
@@ -150,6 +165,37 @@ def _output_head_names(model: nn.Module) -> set:
     return heads
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether ``model``'s config ties its output head to its input embeddings (``tie_word_embeddings``),
+    which transformers re-applies whenever it builds or loads the model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    return bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+
+
+def _check_not_tied(model: nn.Module, chosen: dict[str, nn.Module], heads: set) -> None:
+    """A chosen layer whose weight another module shares (a tied LM head) cannot be factorized: the
+    other module would keep the dense weight and transformers would re-tie the head on load."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    tie_flag = tied_embeddings(model)
+    for name, m in chosen.items():
+        others = sorted({o for o in owners.get(id(m.weight), []) if o.rsplit(".", 1)[0] != name})
+        if others or (name in heads and tie_flag):
+            tie = f"shares its weight with {', '.join(others)}" if others else "is tied to the input embeddings"
+            raise ValueError(
+                f"layer {name!r} {tie} (config.tie_word_embeddings={tie_flag}): a low-rank layer cannot stay tied "
+                f"to a dense weight, and transformers would re-tie it when the model is loaded. Leave it dense "
+                f"(do not select it in target_modules), or untie it before swapping: "
+                f"model.config.tie_word_embeddings = False; "
+                f"model.{name}.weight = torch.nn.Parameter(model.{name}.weight.detach().clone())")
+
+
 def find_target_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
     """Names -> dense layers that ``config`` selects, in module order."""
     if not isinstance(model, nn.Module):
@@ -172,6 +218,8 @@ def find_target_layers(model: nn.Module, config: LowRankConfig) -> dict[str, nn.
                                  f"dense layers look like: {list(dense)[:6]}")
     if config.exclude_modules:
         chosen = {n: m for n, m in chosen.items() if not _matches(n, config.exclude_modules)}
+    if chosen:
+        _check_not_tied(model, chosen, heads)
     if not chosen:
         raise ValueError(f"no nn.Linear or Conv1D layer of {type(model).__name__} matches "
                          f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}); "

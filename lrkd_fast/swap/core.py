@@ -44,7 +44,7 @@ def swap_linear_layers(model: nn.Module, config: Optional[LowRankConfig] = None,
             stats.update(collect_input_grams(model, need, calibration, forward=forward, progress=progress))
     if config.allocation == "sensitivity":
         def truncation(name, rank):
-            decomposition = whitened_svd(dense_weight(layers[name])[0], stats[name], config.damping)
+            decomposition = whitened_svd(dense_weight(layers[name])[0], stats[name], config.damping, name=name)
             build = lambda: make_lowrank(name, layers[name], rank, config, None,
                                          factors=factors_at(decomposition, rank))[0]
             return decomposition[2].pow(2), build

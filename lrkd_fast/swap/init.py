@@ -14,11 +14,13 @@ from .config import LayerReport, LowRankConfig, dense_weight
 __all__ = ["collect_input_grams", "factors_at", "make_lowrank", "whitened_factors", "whitened_svd"]
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, damping: float, cross: Optional[torch.Tensor] = None):
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, damping: float, cross: Optional[torch.Tensor] = None,
+                 name: Optional[str] = None):
     """(L, A, S, Bh): the Cholesky factor of the damped Gram matrix and the SVD of ``L^{-1} gram W^T``.
 
     With ``cross`` = E[x' x^T] (``gram`` then being E[x' x'^T] of other inputs x'), the SVD is of
-    ``L^{-1} cross W^T`` instead: the rank-r factors then minimize E||W x - (U V)^T x'||^2."""
+    ``L^{-1} cross W^T`` instead: the rank-r factors then minimize E||W x - (U V)^T x'||^2.
+    ``name``: the layer's module name, for the error a non-finite or singular Gram matrix raises."""
     w = weight.detach().to(torch.float64)
     g = gram.to(device=w.device, dtype=torch.float64)
     d = g.shape[0]
@@ -27,10 +29,24 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, damping: float, cross
                          f"{tuple(w.shape)}, got {tuple(g.shape)}")
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    eps = damping * g.diagonal().mean().clamp_min(1e-12)
-    L = torch.linalg.cholesky(g + eps * torch.eye(d, dtype=g.dtype, device=g.device))
+    where = f"layer {name!r}" if name else "whitened init"
     c = g if cross is None else cross.to(device=w.device, dtype=torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{where}: its dense weight holds NaN or inf")
+    if not (torch.isfinite(g).all() and torch.isfinite(c).all()):
+        raise ValueError(f"{where}: the input statistics (Gram matrix of the calibration inputs) hold NaN or inf; "
+                         "check the calibration data, and the model's activations on it, for NaN/inf")
+    eps = damping * g.diagonal().mean().clamp_min(1e-12)
+    L, info = torch.linalg.cholesky_ex(g + eps * torch.eye(d, dtype=g.dtype, device=g.device))
+    singular = (f"{where}: the Gram matrix of its calibration inputs (+ damping={damping} x its mean diagonal) is "
+                "not positive definite{}: the inputs are rank-deficient (dead features, padding, fewer unmasked "
+                "tokens than d_in). Use damping > 0 (LowRankConfig(damping=1e-2)), or more / more varied "
+                "calibration data")
+    if info.item() != 0:
+        raise ValueError(singular.format(f" (Cholesky failed at column {info.item()} of {d})"))
     B = torch.linalg.solve_triangular(L, c @ w.t(), upper=False)
+    if not torch.isfinite(B).all():  # a pivot that rounding left barely above 0
+        raise ValueError(singular.format(" (numerically: its whitened weight overflows)"))
     A, S, Bh = torch.linalg.svd(B, full_matrices=False)
     return L, A, S, Bh
 
@@ -46,8 +62,8 @@ def factors_at(decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U, V
 
 
-def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-2,
+                     name: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware factors of a (d_out, d_in) weight.
 
     With ``gram`` = E[x x^T] of the layer's inputs, minimizes E||x W^T - x U V||^2 over rank-``rank``
@@ -56,9 +72,10 @@ def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int, dampin
     ``U = L^{-T} A_r S_r^{1/2}``, ``V = S_r^{1/2} Bh_r``. The expected output error at rank r is
     ``sum_{i>r} S_i^2`` (up to the damping).
 
-    Computed in float64.
+    Computed in float64. ``name``: the layer's module name, for errors (NaN inputs, a singular Gram
+    matrix with ``damping=0``).
     """
-    return factors_at(whitened_svd(weight, gram, damping), rank)
+    return factors_at(whitened_svd(weight, gram, damping, name=name), rank)
 
 
 def as_batches(batches):
@@ -138,7 +155,7 @@ def make_lowrank(name: str, m: nn.Module, r: int, config: LowRankConfig, stats: 
         elif config.init == "svd":
             U, V = svd_factors(w, r)
         elif config.init == "whitened":
-            U, V = whitened_factors(w, stats, r, config.damping)
+            U, V = whitened_factors(w, stats, r, config.damping, name=name)
         if factors is not None or config.init != "random":
             new.U.copy_(U)
             new.V.copy_(V)

@@ -154,7 +154,8 @@ def sequential_swap(model: nn.Module, layers: dict[str, nn.Module], ranks: dict[
                 for n in stage:
                     full = f"{block_name}.{n}"
                     w, _, _ = dense_weight(layers[full])
-                    factors = factors_at(whitened_svd(w, gram / count, config.damping, cross / count), ranks[full])
+                    factors = factors_at(whitened_svd(w, gram / count, config.damping, cross / count, name=full),
+                                        ranks[full])
                     new, reports[full] = make_lowrank(full, layers[full], ranks[full], config, None, factors=factors)
                     set_module(model, full, new)
             if i < last:
