@@ -77,7 +77,9 @@ def _add_distill(sub):
     p.add_argument("--teacher", default=None,
                    help="model folder or offline-cached hub name (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--data", default=None,
-                   help="text file (one text per line) or .jsonl with a 'text' field (default: CPython's pydoc topics)")
+                   help="text file (one text per line) or .jsonl with a 'text' field; lrc: also a token store folder "
+                        "written by lrkd-fast tokenize, trained on packed to --seq-len without attention across "
+                        "documents (default: CPython's pydoc topics)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--keep", type=_fraction, default=S("keep"),
                    help="swap: fraction of the swapped layers' parameters to keep. Under the sensitivity allocation "

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT_VERSION", "MASKS", "PackedBatches", "TokenStore", "cu_seqlens", "is_token_store",
-           "tokenize_corpus"]
+           "store_split", "store_texts", "tokenize_corpus", "tokenizer_probe"]
 
 FORMAT = "lrkd_fast.token_store"
 FORMAT_VERSION = 1
@@ -416,6 +416,22 @@ class TokenStore:
     def decode_documents(self, tok, docs: Sequence[int]) -> list[str]:
         """Documents ``docs`` decoded back to text with ``tok`` (without the EOS)."""
         return [tok.decode(self.document(j, eos=False).tolist()) for j in docs]
+
+
+def store_split(store: TokenStore, heldout: int) -> int:
+    """Where the training stream ends when the last ``heldout`` documents are held out (a token offset)."""
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or not 0 <= heldout < len(store):
+        raise ValueError(f"heldout must be an int in 0..{len(store) - 1}, got {heldout!r}")
+    return int(store.offsets[len(store) - heldout])
+
+
+def store_texts(store: TokenStore, tok, heldout: int, n_train: int) -> tuple[list, list]:
+    """(the first ``n_train`` training documents, the last ``heldout`` documents) decoded with ``tok``:
+    the texts a recipe evaluates and calibrates on when its data is a token store."""
+    end = len(store) - heldout
+    store_split(store, heldout)  # checks heldout
+    return (store.decode_documents(tok, range(min(max(n_train, 0), end))),
+            store.decode_documents(tok, range(end, len(store))))
 
 
 # ------------------------------------------------------------------------------------ packed reading

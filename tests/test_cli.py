@@ -26,7 +26,7 @@ def _subparsers():
 
 def test_every_flag_has_help_that_shows_its_default():
     parser, subs = _subparsers()
-    assert set(subs) == {"distill", "eval", "export", "bench"}
+    assert set(subs) == {"distill", "eval", "export", "tokenize", "bench"}
     for name, p in subs.items():
         text = p.format_help()
         assert "%%" not in text and "%(" not in text, name

@@ -413,3 +413,86 @@ def test_cli_tokenize_end_to_end(tmp_path, capsys):
     assert store.meta["tokenizer"]["probe"] == tokenizer_probe(T.AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
     assert main(argv) == 2
     assert "argument --out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ Low-Rank Clone
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_clone_on_a_packed_row_equals_the_documents_alone(family, eager_backend):
+    """The clone terms are means over tokens: one packed row of two documents (block mask, position
+    ids) gives what the two documents give as two rows of their own."""
+    from tests.conftest import tiny
+
+    from lrkd_fast import LowRankClone
+
+    teacher = tiny(family).eval()
+    clone = LowRankClone.from_teacher(teacher, student_hidden_size=16, init="random")
+    a, b = torch.randint(0, 96, (9,)), torch.randint(0, 96, (9,))
+    seg = torch.tensor([0] * 9 + [1] * 9)
+    allowed = seg[:, None] == seg[None, :]
+    if family == "llama":
+        allowed &= torch.ones(18, 18, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 18, 18).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    pos = torch.cat([torch.arange(9), torch.arange(9)])[None]
+    try:
+        with torch.no_grad():
+            packed = clone(torch.cat([a, b])[None], attention_mask=mask, position_ids=pos).parts
+            alone = clone(torch.stack([a, b]), attention_mask=torch.ones(2, 9, dtype=torch.long)).parts
+            mixed = clone(torch.cat([a, b])[None], attention_mask=torch.ones(1, 18, dtype=torch.long)).parts
+    finally:
+        clone.close()
+    terms = [k for k in packed if k.startswith("clone")]
+    assert len(terms) > 4
+    for k in terms:
+        assert packed[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-9), k
+    # documents attending to each other: some term moves far beyond that tolerance
+    assert max(abs(mixed[k] - alone[k]) / alone[k] for k in terms if alone[k] > 1e-6) > 1e-3
+
+
+@pytest.fixture
+def minilm_store(tmp_path, small_text_file, minilm_tok):
+    tokenize_corpus(small_text_file, minilm_tok, str(tmp_path / "store"), seq_len=32, progress=False)
+    return str(tmp_path / "store")
+
+
+def test_lrc_recipe_trains_on_a_token_store_and_resumes_its_position(tmp_path, minilm_store, tiny_teacher_dir,
+                                                                     eager_backend):
+    from lrkd_fast.packed import store_split
+    from lrkd_fast.recipes import LRCRecipe, run_lrc_recipe
+
+    common = dict(teacher=tiny_teacher_dir, data=minilm_store, batch_size=2, seq_len=32, student_hidden=16,
+                  calib_texts=8, fit_texts=8, heldout=8, progress=False, checkpoint_every=1, keep_checkpoints=True)
+    res = run_lrc_recipe(LRCRecipe(steps=2, output=str(tmp_path / "a"), **common))
+    assert len(res.history["step"]) == 2 and res.history["tokens"] == 2 * 2 * 32
+    assert res.rows[0].fidelity.n == 8
+    first = torch.load(tmp_path / "a" / "checkpoints" / "step-1.pt", weights_only=True)["data"]
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["data"]
+    store = TokenStore(minilm_store)
+    assert first["position"] == 2 and last["position"] == 4
+    assert last["token_range"] == [0, store_split(store, 8)]  # the held-out documents are never trained on
+    # lrkd-fast eval compares on the same held-out documents (decoded with the teacher's tokenizer)
+    from lrkd_fast.recipes import evaluate_student
+
+    report = evaluate_student(str(tmp_path / "a"), max_texts=None, batch_size=8, speed_batches=1, repeats=1,
+                              diagnostics_texts=0)
+    assert report.texts.startswith("8 texts: the held-out texts")
+    res = run_lrc_recipe(LRCRecipe(steps=3, output=str(tmp_path / "b"), resume=str(tmp_path / "a" / "checkpoints" /
+                                                                                   "last.pt"), **common))
+    assert res.history["step"] == [0, 1, 2]
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["data"]["position"] == 6
+
+
+def test_token_store_errors_in_recipes(tmp_path, minilm_store, tiny_teacher_dir, small_text_file):
+    from lrkd_fast.recipes import LRCRecipe, RecipeError, SwapRecipe, run_lrc_recipe, run_swap_recipe
+
+    with pytest.raises(RecipeError, match="token store") as e:
+        run_swap_recipe(SwapRecipe(teacher=tiny_teacher_dir, data=minilm_store, output=str(tmp_path / "s"),
+                                   progress=False))
+    assert e.value.field == "data"
+    other = str(tmp_path / "words")
+    tokenize_corpus(small_text_file, word_tokenizer(50), other, seq_len=8, progress=False)
+    with pytest.raises(RecipeError, match="another tokenizer"):
+        run_lrc_recipe(LRCRecipe(teacher=tiny_teacher_dir, data=other, output=str(tmp_path / "l"), progress=False))
+    with pytest.raises(RecipeError, match="too few") as e:
+        run_lrc_recipe(LRCRecipe(teacher=tiny_teacher_dir, data=minilm_store, seq_len=4096, output=str(tmp_path / "l"),
+                                 progress=False))

@@ -180,10 +180,20 @@ class Prepared:
     held_batches: list  # the held-out texts, tokenized for evaluation
     started: float  # time.time() when the recipe started
     recipe: Recipe
+    store: Optional[object] = None  # a token store (lrkd_fast.packed.TokenStore) given as data
+    train_tokens: int = 0  # with a store: its tokens before the held-out documents, the training stream
 
     def train_batches(self) -> "TextBatches":
-        """This process's shuffled training batches."""
+        """This process's shuffled training batches (of a token store: packed, no attention across documents)."""
         r = self.recipe
+        if self.store is not None:
+            from ..clone.families import family_for
+            from ..packed import PackedBatches
+
+            return PackedBatches(self.store, r.batch_size, r.seq_len, rank=self.rank, world_size=self.world,
+                                 seed=r.seed, causal=family_for(self.teacher).causal, labels=False, drop_last=True,
+                                 mask_dtype=next(self.teacher.parameters()).dtype, token_range=(0, self.train_tokens),
+                                 device=self.device)
         return TextBatches(self.train, self.tok, r.batch_size, r.seq_len, seed=r.seed, device=self.device,
                            rank=self.rank, world_size=self.world)
 
@@ -191,10 +201,15 @@ class Prepared:
         return list(TextBatches(texts, self.tok, 64, self.recipe.seq_len, shuffle=False, device=self.device))
 
 
-def prepare(r: Recipe) -> Prepared:
-    """Join torchrun if launched by it, load the teacher and the text, hold out texts for the table."""
+def prepare(r: Recipe, token_store: bool = False) -> Prepared:
+    """Join torchrun if launched by it, load the teacher and the text, hold out texts for the table.
+    ``token_store``: the recipe can train on a token store given as ``data`` (:func:`_prepare_store`)."""
     t0 = time.time()
     rank, world, device = init_distributed(r.device)
+    from ..packed import is_token_store
+
+    if r.data and is_token_store(r.data):
+        return _prepare_store(r, token_store, t0, rank, world, device)
     torch.manual_seed(r.seed)
     model, tok = load_teacher(r.teacher, device)
     texts = read_texts(r.data) if r.data else pydoc_sentences()
@@ -210,6 +225,42 @@ def prepare(r: Recipe) -> Prepared:
     result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
                            sum(p.numel() for p in model.parameters()), time.time() - t0))
     pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r)
+    pre.held_batches = pre.eval_batches(held)
+    return pre
+
+
+def _prepare_store(r: Recipe, allowed: bool, t0: float, rank: int, world: int, device: str) -> Prepared:
+    """:func:`prepare` for a token store (``lrkd-fast tokenize``): its last ``heldout`` documents are held
+    out, training reads the tokens before them packed (:meth:`Prepared.train_batches`), and the
+    held-out, calibration and read-out texts are documents decoded with the teacher's tokenizer."""
+    from ..packed import TokenStore, store_split, store_texts
+
+    if not allowed:
+        raise RecipeError("data", f"{r.data!r} is a token store (lrkd-fast tokenize): --method lrc trains on one; "
+                                  "give this method a text or .jsonl file")
+    store = TokenStore(r.data)
+    n = len(store)
+    heldout = default_heldout(n) if r.heldout is None else r.heldout
+    field_ = "heldout" if r.heldout is not None else "data"
+    _check(heldout < n, field_, f"the token store has {n} documents: too few to hold out {heldout}")
+    end = store_split(store, heldout)
+    need = r.batch_size * world
+    _check(end // r.seq_len >= need, field_,
+           f"the token store's {n - heldout} training documents make {end // r.seq_len} sequences of {r.seq_len} "
+           f"tokens: too few for one batch of batch_size x processes ({need})")
+    torch.manual_seed(r.seed)
+    model, tok = load_teacher(r.teacher, device)
+    try:
+        store.check_tokenizer(tok)
+    except ValueError as exc:
+        raise RecipeError("data", f"{exc}; tokenize it with the teacher's (lrkd-fast tokenize --tokenizer TEACHER)") \
+            from None
+    train, held = store_texts(store, tok, heldout, max(getattr(r, "fit_texts", 0), r.calib_texts))
+    result = RecipeResult(output=r.output, rank=rank)
+    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
+                           sum(p.numel() for p in model.parameters()), time.time() - t0))
+    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, store=store,
+                   train_tokens=end)
     pre.held_batches = pre.eval_batches(held)
     return pre
 

@@ -158,7 +158,7 @@ def lrc_train_config(r: LRCRecipe, rank: int = 0) -> TrainConfig:
 def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     if not isinstance(r, LRCRecipe):
         raise TypeError(f"r must be an LRCRecipe, got {type(r).__name__}")
-    pre = prepare(r)
+    pre = prepare(r, token_store=True)  # data may be a token store (lrkd-fast tokenize): packed training
     rank, teacher, tok, result, held_b = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
     fit_b = pre.eval_batches(pre.train[:r.fit_texts])
     t_held, t_fit = sentence_embeddings(teacher, held_b), sentence_embeddings(teacher, fit_b)

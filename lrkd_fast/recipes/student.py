@@ -94,13 +94,20 @@ class StudentReport:
         return format_table(head, rows)
 
 
-def _texts(run: dict, data: Optional[str], max_texts: Optional[int]) -> tuple[list, list, str]:
+def _texts(run: dict, data: Optional[str], max_texts: Optional[int], tok=None) -> tuple[list, list, str]:
     """(texts to compare on, training texts for a read-out fit, description)."""
+    from ..packed import TokenStore, is_token_store, store_texts
+
     run_data = run.get("data")
-    source = read_texts(run_data) if run_data else pydoc_sentences()
-    seed = run.get("seed", 0)
-    heldout = run.get("heldout") or default_heldout(len(source))
-    train, held = split_texts(source, heldout, seed=seed)
+    if run_data and is_token_store(run_data):  # trained on a token store: its last documents were held out
+        store = TokenStore(run_data)
+        train, held = store_texts(store, tok, run.get("heldout") or default_heldout(len(store)),
+                                  run.get("fit_texts", 512))
+    else:
+        source = read_texts(run_data) if run_data else pydoc_sentences()
+        seed = run.get("seed", 0)
+        heldout = run.get("heldout") or default_heldout(len(source))
+        train, held = split_texts(source, heldout, seed=seed)
     if data:
         texts = read_texts(data)
         what = f"{data}"
@@ -136,7 +143,7 @@ def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[st
     t_model, tok = load_teacher(teacher_name, device)
     student = load_student(path, device)
     seq_len = run.get("seq_len", 128)
-    texts, train, what = _texts(run, data, max_texts)
+    texts, train, what = _texts(run, data, max_texts, tok)
     batches = list(TextBatches(texts, tok, batch_size, seq_len, shuffle=False, device=device))
     t_emb, s_emb = sentence_embeddings(t_model, batches), sentence_embeddings(student, batches)
     readout = s_emb.shape[1] != t_emb.shape[1]
