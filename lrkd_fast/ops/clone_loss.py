@@ -77,7 +77,7 @@ def clone_loss_reference(pairs, alpha: float = 1.0, mask: Optional[Tensor] = Non
             continue
         rows = s.shape[:-1].numel()
         keep = _mask_rows(mask, rows).to(s.device)
-        d = s32.reshape(rows, -1) - pred32.reshape(rows, -1)
+        d = s32.reshape(rows, s.shape[-1]) - pred32.reshape(rows, s.shape[-1])  # not -1: ambiguous for 0 rows
         sq = torch.where(keep[:, None], d, 0.0).square().sum()
         if reduction == "mean":
             count = keep.sum() * s.shape[-1]

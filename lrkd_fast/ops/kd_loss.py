@@ -99,14 +99,15 @@ def kd_loss_reference(student_hidden: Tensor, student_weight: Tensor, labels: Op
     """
     ce_reduction, batch_size = _resolve_reductions(student_hidden, reduction, ce_reduction, batch_size)
     work = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    # explicit row counts: reshape(-1, 0) is ambiguous for a 0-width hidden state
+    hs = student_hidden.reshape(student_hidden.shape[:-1].numel(), student_hidden.shape[-1])
     V = student_weight.shape[0]
     s = F.linear(hs, student_weight, student_bias).to(work)
     with torch.no_grad():
         if teacher_logits is not None:
-            t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+            t = teacher_logits.reshape(hs.shape[0], teacher_logits.shape[-1])
         else:
-            t = F.linear(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
+            t = F.linear(teacher_hidden.reshape(hs.shape[0], teacher_hidden.shape[-1]), teacher_weight, teacher_bias)
         t = t[:, :V].to(work)  # teacher_vocab="truncate": softmax over the first V teacher logits
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
@@ -437,14 +438,15 @@ def kd_loss(student_hidden: Tensor, student_weight: Tensor, labels: Optional[Ten
                                      student_bias=student_bias, teacher_bias=teacher_bias, **opts)
 
     d_s = student_hidden.shape[-1]
-    h_s = student_hidden.reshape(-1, d_s).contiguous()
+    rows = student_hidden.shape[:-1].numel()  # explicit: reshape(-1, 0) is ambiguous for a 0-width hidden state
+    h_s = student_hidden.reshape(rows, d_s).contiguous()
     lab = labels.reshape(-1).contiguous() if labels is not None else None
     h_t = None
     if teacher_hidden is not None:
-        h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
+        h_t = teacher_hidden.detach().reshape(rows, teacher_hidden.shape[-1]).contiguous()
     t_logits = None
     if teacher_logits is not None:
-        t_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        t_logits = teacher_logits.reshape(rows, teacher_logits.shape[-1])
         if t_logits.stride(-1) != 1:
             t_logits = t_logits.contiguous()
     w_s = student_weight.contiguous()

@@ -188,7 +188,7 @@ def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Optional[Tensor] = Non
     if not use_triton(x, U, V, bias, op="lowrank_linear"):
         return lowrank_linear_reference(x, U, V, bias)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(lead.numel(), x.shape[-1])  # not -1: ambiguous when d_in = 0
     save_xu = torch.is_grad_enabled() and V.requires_grad
     with torch.autocast(x.device.type, enabled=False):
         y, _ = _fwd_op(x2, U, V, bias, save_xu)
