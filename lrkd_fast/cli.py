@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -40,6 +41,8 @@ def _number(kind, low=None, high=None, low_open=False, what=None):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return v
@@ -122,9 +125,17 @@ def _add_distill(sub):
     p.add_argument("--output", default=None,
                    help=f"folder the student is saved to (default: {S('output')} for swap, {L('output')} for lrc)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from, OUTPUT/checkpoints/*.pt (default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --output even when it is a non-empty folder that no lrkd-fast run wrote "
+                        "(refused by default)")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, OUTPUT/checkpoints/last.pt or step-N.pt: no new init, and "
+                        "--steps / --minutes count the whole run (default: none)")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=S("checkpoint_every"),
-                   help="steps between checkpoints in OUTPUT/checkpoints (0: only the final last.pt)")
+                   help="steps between OUTPUT/checkpoints/step-N.pt (0: none)")
+    p.add_argument("--checkpoint-minutes", type=_nonneg_float, default=S("checkpoint_minutes"),
+                   help="minutes between saves of OUTPUT/checkpoints/last.pt, which is also written on Ctrl-C or an "
+                        "error and at the end (0: only then)")
     p.add_argument("--diagnostics-every", type=_nonneg_int, default=0,
                    help="steps between per-layer linear CKA and Gaussian mutual information of teacher vs student on "
                         "held-out texts (0: off); the run plots them over training to OUTPUT/diagnostics.png")
@@ -176,6 +187,7 @@ def _given(args, **names) -> dict:
 def _common(args) -> dict:
     return dict(teacher=args.teacher, data=args.data, minutes=args.minutes,
                 device=args.device, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                checkpoint_minutes=args.checkpoint_minutes, overwrite=args.overwrite,
                 keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
                 save_worse=args.save_worse, progress=not args.quiet,
                 **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
@@ -235,6 +247,9 @@ def _run_lrc(args) -> int:
 
 
 def _run_distill(args) -> int:
+    from .recipes.base import check_teacher
+
+    check_teacher(args.teacher)  # before anything reads it (a preset reads the teacher's config)
     if args.method == "lrc":
         return _run_lrc(args)
     from .recipes import SwapRecipe, run_swap_recipe
@@ -427,6 +442,7 @@ def _flag(field: str) -> str:
 
 def main(argv=None) -> int:
     from .recipes import RecipeError
+    from .training import TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -446,6 +462,16 @@ def main(argv=None) -> int:
         print(f"{prefix}: error: argument {_flag(exc.field)}: {exc.message}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:
+        print(f"{prefix}: error: {exc}; nothing was saved to the output"
+              + (f" (continue with --resume {exc.checkpoint} and a lower --lr)" if exc.checkpoint else ""),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        path = getattr(exc, "resume_checkpoint", None)
+        print(f"{prefix}: interrupted; " + (f"the run so far is in {path}: continue it with the same command and "
+                                            f"--resume {path}" if path else "nothing was saved"), file=sys.stderr)
+        return 130
     return 2
 
 

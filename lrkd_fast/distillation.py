@@ -16,6 +16,7 @@ autocast where the device supports it, a progress bar, checkpoints and exact res
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
 
@@ -78,13 +79,14 @@ class DistillConfig(TrainConfig):
         if isinstance(self.clone_modules, str) and self.clone_modules not in CLONE_CHOICES:
             raise ValueError(f"clone_modules must be one of {CLONE_CHOICES}, a list of module names or None, "
                              f"got {self.clone_modules!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        finite = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        if not (finite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature!r}")
         for name in ("clone_weight", "output_weight", "ce_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.teacher_cache_gb > 0:
-            raise ValueError(f"teacher_cache_gb must be > 0, got {self.teacher_cache_gb}")
+            if not (finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
+        if not (finite(self.teacher_cache_gb) and self.teacher_cache_gb > 0):
+            raise ValueError(f"teacher_cache_gb must be > 0 and finite, got {self.teacher_cache_gb!r}")
 
 
 class Distiller(TrainingLoop):

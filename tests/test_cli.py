@@ -1,5 +1,6 @@
 """The `lrkd-fast` command end to end: help, errors, and short runs of every subcommand."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -136,3 +137,142 @@ def test_default_teacher_and_data_short_run(tmp_path, capsys):
     batch = TextBatches(pydoc_sentences()[:4], tok, 4, 32, shuffle=False).batch(0)
     with torch.no_grad():
         assert torch.isfinite(student(**batch).last_hidden_state).all()
+
+
+# ------------------------------------------------------------------------------------ user errors and faults
+
+def _ours(err):
+    """The command's own lines of stderr (transformers may draw a loading bar there)."""
+    return [line for line in err.splitlines() if line.startswith("lrkd-fast ")]
+
+
+def _one_line_error(capsys, argv, message):
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(_ours(err)) == 1, (argv, err)
+
+
+def test_bad_paths_devices_and_numbers_are_one_line_errors_before_any_loading(tmp_path, capsys, monkeypatch,
+                                                                              tiny_teacher_dir):
+    from lrkd_fast.training import TrainConfig, TrainingLoop
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"step": 1, "params": {}, "optimizer": {}, "scheduler": {}, "history": {}, "rng": {},
+                "x": TrainConfig()}, str(crafted))  # a pickled object (a dataclass), not plain data
+    cut = tmp_path / "cut.pt"
+    loop = TrainingLoop()
+    loop.cfg, loop.model = TrainConfig(), torch.nn.Linear(2, 1)
+    loop.params = list(loop.model.parameters())
+    opt = torch.optim.AdamW(loop.params)
+    loop.save_checkpoint(str(cut), 1, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                         {"step": [], "loss": [], "parts": [], "tokens": 0, "seconds": 0.0})
+    cut.write_bytes(cut.read_bytes()[:200])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    o = ["--output", str(tmp_path / "new")]
+    t = ["--teacher", tiny_teacher_dir]
+    cuda = "cuda:99" if torch.cuda.is_available() else "cuda"
+    cases = [
+        (["--output", str(afile), *t], f"argument --output: '{afile}' is a file, not a folder"),
+        (["--output", str(afile / "sub"), *t], f"argument --output: '{afile / 'sub'}' cannot be created: '{afile}' is a file"),
+        (["--output", str(foreign), *t], f"argument --output: '{foreign}' is a folder with other files in it (notes.txt)"),
+        (["--device", "tpu", *t, *o], "argument --device: unknown device 'tpu': use cpu or cuda"),
+        (["--device", cuda, *t, *o], f"argument --device: '{cuda}'"),
+        (["--teacher", "./no-such-model", *o], "argument --teacher: no such folder: './no-such-model'"),
+        (["--method", "lrc", "--preset", "paper", "--teacher", "./no-such-model", *o], "argument --teacher: no such folder"),
+        (["--teacher", str(no_config), *o], "is not a model folder (it has no config.json)"),
+        (["--teacher", "nobody-here/no-such-model", *o], "no model of that name in the local Hugging Face cache"),
+        (["--data", str(tmp_path / "none.txt"), *t, *o], "argument --data: "),
+        (["--resume", str(tmp_path / "none.pt"), *t, *o], "argument --resume: checkpoint '"),
+        (["--resume", str(crafted), *t, *o], "argument --resume: checkpoint '" + str(crafted) + "' was refused: it holds a "
+                                             "pickled Python object"),
+        (["--resume", str(cut), *t, *o], f"argument --resume: checkpoint '{cut}' cannot be read: the file is truncated"),
+    ]
+    for args, message in cases:
+        _one_line_error(capsys, ["distill", *args], message)
+    assert (foreign / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
+    for flag, value, message in [("--minutes", "0", "must be a number > 0"), ("--minutes", "-1", "must be a number > 0"),
+                                 ("--minutes", "nan", "must be a finite number"), ("--lr", "inf", "must be a finite"),
+                                 ("--checkpoint-minutes", "-1", "must be a number >= 0"),
+                                 ("--alpha", "nan", "must be a finite number")]:
+        with pytest.raises(SystemExit):
+            main(["distill", flag, value])
+        assert f"argument {flag}: {message}" in capsys.readouterr().err, flag
+
+
+def test_output_folder_rules():
+    from lrkd_fast.recipes.base import RUN_FILE, RecipeError, check_output
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        check_output(d)  # empty
+        check_output(os.path.join(d, "a", "b"))  # to be created
+        os.makedirs(os.path.join(d, "checkpoints"))
+        check_output(d)  # what an interrupted run leaves
+        open(os.path.join(d, "weights.bin"), "w").close()
+        with pytest.raises(RecipeError, match="not a previous lrkd-fast output"):
+            check_output(d)
+        check_output(d, overwrite=True)
+        open(os.path.join(d, RUN_FILE), "w").close()
+        check_output(d)  # a finished run's folder
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path, capsys, tiny_teacher_dir, small_text_file):
+    out = tmp_path / "s"
+    rc = main(["distill", "--teacher", tiny_teacher_dir, "--data", small_text_file, "--output", str(out),
+               "--lr", "1000", "--checkpoint-every", "1", *SHORT[:-1], "--steps", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(_ours(err)) == 1, err
+    assert "error: training diverged: the " in err and " at step " in err and "nothing was saved to the output" in err
+    assert "--resume" not in err or f"--resume {out / 'checkpoints'}" in err
+    assert not (out / "model.safetensors").exists() and not (out / "lrkd_fast_run.json").exists()
+
+
+def test_resume_skips_the_init_counts_the_whole_run_and_refuses_other_shapes(tmp_path, capsys, tiny_teacher_dir,
+                                                                            small_text_file):
+    base = ["distill", "--teacher", tiny_teacher_dir, "--data", small_text_file, "--calib-texts", "16",
+            "--batch-size", "8", "--seq-len", "32", "--quiet", "--keep-checkpoints"]
+    out = tmp_path / "s"
+    assert main([*base, "--output", str(out), "--steps", "4", "--checkpoint-every", "2", "--save-worse"]) == 0
+    first = capsys.readouterr().out
+    distilled = next(line for line in first.splitlines() if line.startswith("distilled (4 steps)"))
+    last = str(out / "checkpoints" / "last.pt")
+    # the same budget: nothing to train, and the start is the checkpoint's student (its factors, not a new init)
+    assert main([*base, "--output", str(out), "--steps", "4", "--resume", last, "--save-worse"]) == 0
+    cap = capsys.readouterr()
+    assert "at step 4 after" in cap.err and "nothing to train" in cap.err
+    start = next(line for line in cap.out.splitlines() if line.startswith("low-rank start (resumed at step 4)"))
+    assert start.split()[-5:-1] == distilled.split()[-5:-1]  # fidelity columns and params: the same student
+    assert "distilled (4 steps)" in cap.out
+    with open(out / "lrkd_fast_run.json") as f:
+        assert len(json.load(f)["training"]["loss"]) == 4
+    # a rank the checkpoint was not written with: refused, naming the parameter and both shapes
+    _one_line_error(capsys, [*base, "--output", str(out), "--resume", last, "--rank", "3", "--init", "svd"],
+                    "argument --resume: checkpoint '" + last + "' does not fit this student: parameter "
+                    "'encoder.layer.0.attention.self.query.U' has shape (32, ")
+    _one_line_error(capsys, [*base, "--output", str(out), "--resume", last, "--target-modules", r".*\.query"],
+                    "swapped other layers than this run selects")
+
+
+def test_lrc_resume_refuses_a_clone_of_another_width(tmp_path, capsys, tiny_teacher_dir, small_text_file):
+    from lrkd_fast.clone import LowRankClone, LRCTrainer
+    from lrkd_fast.recipes.base import load_teacher
+    from lrkd_fast.training import TrainConfig
+
+    teacher, tok = load_teacher(tiny_teacher_dir, "cpu")
+    clone = LowRankClone.from_teacher(teacher, 16)
+    batch = TextBatches(pydoc_sentences()[:4], tok, 4, 16, shuffle=False).batch(0)
+    LRCTrainer(clone, TrainConfig(steps=1, progress=False, checkpoint_dir=str(tmp_path / "c"))).train([batch])
+    clone.close()
+    last = str(tmp_path / "c" / "last.pt")
+    _one_line_error(capsys, ["distill", "--method", "lrc", "--teacher", tiny_teacher_dir, "--data", small_text_file,
+                             "--student-hidden", "8", "--output", str(tmp_path / "o"), "--resume", last, *SHORT],
+                    f"argument --resume: checkpoint '{last}' does not fit this student: parameter 'proj.emb' has shape "
+                    f"(32, 16) in the saved state but (32, 8) in this model")

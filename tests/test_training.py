@@ -66,7 +66,11 @@ def test_trainable_state_round_trip_and_checkpoint_resume(tmp_path):
                                      (dict(lr=0), "lr must be > 0"), (dict(warmup=1.0), "warmup must be"),
                                      (dict(schedule="step"), "schedule must be one of"),
                                      (dict(max_grad_norm=-1), "max_grad_norm"), (dict(log_every=0), "log_every"),
-                                     (dict(checkpoint_every=-1), "checkpoint_every")])
+                                     (dict(checkpoint_every=-1), "checkpoint_every"),
+                                     (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+                                     (dict(lr=float("inf")), "lr must be > 0 and finite"),
+                                     (dict(max_minutes=float("inf")), "max_minutes"),
+                                     (dict(checkpoint_minutes=-1.0), "checkpoint_minutes")])
 def test_train_config_checks_its_fields(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**kw)
@@ -90,3 +94,15 @@ def test_time_budget_schedule_follows_the_clock_not_the_step_bound():
     loop.cfg = TrainConfig(steps=100, warmup=0.05)
     assert [loop._lr_factor(s) for s in (0, 4)] == pytest.approx([0.2, 1.0])
     assert loop._lr_factor(5 + 95 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+
+
+def test_resume_from_what_read_checkpoint_returned_and_the_weights_only_load(tmp_path):
+    from lrkd_fast.training import read_checkpoint
+
+    loop = _Regression(TrainConfig(steps=6, lr=0.05, progress=False, checkpoint_dir=str(tmp_path), checkpoint_every=3))
+    full = loop.train(BATCHES)
+    state = read_checkpoint(str(tmp_path / "step-3.pt"))  # torch.load(weights_only=True) reads our own checkpoints
+    assert state["step"] == 3 and state["path"] == str(tmp_path / "step-3.pt") and set(state["params"]) == {"weight", "bias"}
+    again = _Regression(TrainConfig(steps=6, lr=0.05, progress=False))
+    assert again.train(BATCHES, resume_from=state)["loss"] == full["loss"]
+    torch.testing.assert_close(again.model.weight, loop.model.weight, rtol=0, atol=0)

@@ -216,6 +216,8 @@ def _normalize(pairs, weights, alpha, reduction, mask):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(alpha, Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise TypeError(f"alpha must be a finite real number, got {alpha!r}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0 (a negative weight would train away from the teacher), got {alpha!r}")
     if weights is None:
         weights = [1.0] * len(pairs)
     else:
@@ -225,6 +227,8 @@ def _normalize(pairs, weights, alpha, reduction, mask):
         for i, w in enumerate(weights):
             if not isinstance(w, Real) or isinstance(w, bool) or not math.isfinite(w):
                 raise TypeError(f"weights[{i}] must be a finite real number, got {w!r}")
+            if w < 0:
+                raise ValueError(f"weights[{i}] must be >= 0, got {w!r}")
         weights = [float(w) for w in weights]
     if mask is not None:
         check_tensor("mask", mask, floating=False)
@@ -353,6 +357,8 @@ class CloneLoss(torch.nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         self.alpha, self.reduction, self.return_terms = alpha, reduction, return_terms
         self.weights = None if weights is None else [float(w) for w in weights]
 

@@ -279,6 +279,13 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
+def _check_weights(**weights) -> None:
+    """kl_weight, ce_weight: finite and >= 0 (a negative weight would train away from the target)."""
+    for name, v in weights.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
 def _resolve_reductions(student_hidden, reduction, ce_reduction, batch_size):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -422,6 +429,7 @@ def kd_loss(student_hidden: Tensor, student_weight: Tensor, labels: Optional[Ten
             teacher_bias = teacher_bias.to(ac) if teacher_bias is not None else None
     _validate(student_hidden, student_weight, labels, teacher_hidden, teacher_weight, teacher_logits,
               student_bias, teacher_bias, temperature, ignore_index, teacher_vocab)
+    _check_weights(kl_weight=kl_weight, ce_weight=ce_weight)
     ce_reduction, batch_size = _resolve_reductions(student_hidden, reduction, ce_reduction, batch_size)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -487,6 +495,7 @@ class KDLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         _check_temperature(temperature)
+        _check_weights(kl_weight=kl_weight, ce_weight=ce_weight)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, labels: Optional[Tensor] = None, *,
                 teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,

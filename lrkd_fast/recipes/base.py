@@ -3,7 +3,9 @@ teacher, text split), the result table and the finished output folder."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,8 +17,9 @@ from .._table import format_table
 from ..data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
 from ..evaluate import EmbeddingFidelity
 
-__all__ = ["RUN_FILE", "Prepared", "Recipe", "RecipeError", "RecipeResult", "Row", "default_heldout",
-           "finish_output", "init_distributed", "keep_better", "load_teacher", "prepare", "read_run_file"]
+__all__ = ["RUN_FILE", "Prepared", "Recipe", "RecipeError", "RecipeResult", "Row", "check_before_loading",
+           "check_device", "check_output", "default_heldout", "finish_output", "init_distributed", "is_lrkd_output",
+           "keep_better", "load_teacher", "prepare", "read_run_file"]
 
 RUN_FILE = "lrkd_fast_run.json"  # in a saved student's folder: what it was distilled from
 HELDOUT_CAP = 512
@@ -40,11 +43,21 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(kw_only=True)
 class Recipe:
     """Settings every recipe has (a base: each recipe sets the defaults of its own). ``heldout=None`` holds out 10% of the texts, at most 512; ``steps``
     fixes the run's length, ``minutes`` optionally caps it. ``save_worse=False`` saves the start
-    instead of the distilled student when distillation made held-out fidelity worse."""
+    instead of the distilled student when distillation made held-out fidelity worse.
+
+    The run writes ``output/checkpoints/last.pt`` every ``checkpoint_minutes`` (0: off), when it is
+    stopped (Ctrl-C, an error) and at the end; ``resume`` continues from such a checkpoint without
+    recomputing the init (its factors are in it), up to ``steps`` / ``minutes`` in all. ``output``
+    must be new, empty or a previous output of a recipe (``overwrite=True`` writes into any folder);
+    the paths and the device are checked before anything is loaded."""
 
     teacher: Optional[str] = None  # model folder or offline-cached hub name; None = packaged all-MiniLM-L6-v2
     data: Optional[str] = None  # text file (one text per line) or .jsonl; None = CPython's pydoc topics
@@ -61,6 +74,8 @@ class Recipe:
     seed: int = 0
     resume: Optional[str] = None
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
+    overwrite: bool = False
     diagnostics_every: int = 0  # steps between per-layer CKA / MI logs (0: off); plot in output/diagnostics.png
     keep_checkpoints: bool = False
     save_worse: bool = False
@@ -70,8 +85,9 @@ class Recipe:
         _check(self.heldout is None or (_is_int(self.heldout) and self.heldout >= 2), "heldout",
                f"must be an int >= 2 (fidelity compares nearest neighbours) or None, got {self.heldout!r}")
         _check(_is_int(self.steps) and self.steps >= 1, "steps", f"must be an int >= 1, got {self.steps!r}")
-        _check(self.minutes is None or self.minutes > 0, "minutes", f"must be > 0 or None, got {self.minutes!r}")
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _check(self.minutes is None or (_is_finite(self.minutes) and self.minutes > 0), "minutes",
+               f"must be > 0 (and finite) or None, got {self.minutes!r}")
+        _check(_is_finite(self.lr) and self.lr > 0, "lr", f"must be > 0 and finite, got {self.lr!r}")
         for name in ("calib_texts", "batch_size"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, f"must be an int >= 1, got {v!r}")
@@ -80,6 +96,115 @@ class Recipe:
                f"must be an int >= 0, got {self.checkpoint_every!r}")
         _check(_is_int(self.diagnostics_every) and self.diagnostics_every >= 0, "diagnostics_every",
                f"must be an int >= 0, got {self.diagnostics_every!r}")
+        _check(_is_finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
+               f"must be >= 0 and finite (0: off), got {self.checkpoint_minutes!r}")
+        _check(isinstance(self.output, str) and self.output.strip() != "", "output",
+               f"must be a folder path, got {self.output!r}")
+        check_device(self.device)
+
+
+def check_device(device: Optional[str]) -> None:
+    """A clear RecipeError for a device this machine cannot run on (None: chosen later)."""
+    if device is None:
+        return
+    _check(isinstance(device, str), "device", f"must be a string such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RecipeError("device", f"unknown device {device!r}: use cpu or cuda (cuda:N for one GPU)") from None
+    if d.type == "cpu":
+        return
+    if d.type == "cuda":
+        _check(torch.cuda.is_available(), "device",
+               f"{device!r} was asked for, but this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False; "
+               f"a CPU-only build or no driver): use cpu")
+        _check(d.index is None or d.index < torch.cuda.device_count(), "device",
+               f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if d.type == "mps":
+        _check(torch.backends.mps.is_available(), "device", f"{device!r} was asked for, but MPS is not available")
+        return
+    raise RecipeError("device", f"{device!r} is not supported: use cpu or cuda")
+
+
+def is_lrkd_output(path: str) -> bool:
+    """A folder a recipe wrote: it holds the run file, or only what an unfinished run leaves
+    (``checkpoints/``, the diagnostics plot)."""
+    entries = set(os.listdir(path))
+    return RUN_FILE in entries or (bool(entries) and entries <= {"checkpoints", "diagnostics.png"})
+
+
+def check_output(output: str, overwrite: bool = False) -> None:
+    """RecipeError unless ``output`` can take a student: a new folder (its parent not a file and
+    writable), an empty one, a previous recipe output (:func:`is_lrkd_output`), or any folder
+    with ``overwrite``."""
+    if os.path.exists(output):
+        _check(os.path.isdir(output), "output", f"{output!r} is a file, not a folder: give a folder for the student")
+        entries = sorted(os.listdir(output))
+        _check(not entries or overwrite or is_lrkd_output(output), "output",
+               f"{output!r} is a folder with other files in it ({', '.join(entries[:3])}"
+               f"{', ...' if len(entries) > 3 else ''}) and no {RUN_FILE}, so not a previous lrkd-fast output: "
+               f"give a new or empty folder, or write into it anyway with overwrite (--overwrite)")
+        _check(os.access(output, os.W_OK), "output", f"{output!r} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    _check(os.path.isdir(parent), "output", f"{output!r} cannot be created: {parent!r} is a file")
+    _check(os.access(parent, os.W_OK), "output", f"{output!r} cannot be created: {parent!r} is not writable")
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _offline() -> bool:
+    """No downloads: HF_HUB_OFFLINE set (anything but 0), or unset (this package never downloads unasked)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def check_teacher(name_or_path: Optional[str], field: str = "teacher") -> None:
+    """A clear RecipeError, before anything is loaded, for a teacher that cannot load: a path that
+    does not exist or is not a model folder, or a hub name that is not in the local cache while
+    downloads are off (``HF_HUB_OFFLINE`` unset or 1)."""
+    if name_or_path is None:
+        return
+    _check(isinstance(name_or_path, str) and name_or_path.strip() != "", field,
+           f"must be a model folder or a hub name, got {name_or_path!r}")
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        _check(os.path.isdir(path), field, f"{name_or_path!r} is a file: give the model's folder")
+        _check(os.path.isfile(os.path.join(path, "config.json")), field,
+               f"{name_or_path!r} is not a model folder (it has no config.json)")
+        return
+    local = name_or_path.startswith(("./", "../", "/", "~", ".")) or (os.altsep and os.altsep in name_or_path) \
+        or not _HUB_NAME.fullmatch(name_or_path)
+    _check(not local, field, f"no such folder: {name_or_path!r}")
+    if not _offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    _check(isinstance(cached, str), field,
+           f"no such folder {name_or_path!r}, and no model of that name in the local Hugging Face cache (downloads "
+           f"are off; set HF_HUB_OFFLINE=0 to allow them, or download it first with: hf download {name_or_path})")
+
+
+def check_before_loading(r: Recipe) -> Optional[dict]:
+    """Every path setting of ``r`` checked before a model is loaded: ``output`` (:func:`check_output`),
+    ``data``, ``teacher`` (:func:`check_teacher`) and ``resume``. Returns the resume checkpoint (read
+    with :func:`~lrkd_fast.training.read_checkpoint`: tensors and plain data only), or None."""
+    from ..training import CheckpointError, read_checkpoint
+
+    check_output(r.output, r.overwrite)
+    if r.data is not None:
+        _check(isinstance(r.data, str) and os.path.exists(r.data), "data", f"{r.data!r} does not exist")
+    check_teacher(r.teacher)
+    if r.resume is None:
+        return None
+    try:
+        return read_checkpoint(r.resume)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise RecipeError("resume", str(exc)) from None
 
 
 def diagnostics_settings(r: Recipe) -> dict:
@@ -122,17 +247,19 @@ def load_teacher(name_or_path: Optional[str], device: str):
     """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default."""
     import transformers
 
-    path = name_or_path or packaged_minilm_path()
-    if name_or_path and not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") != "0":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast with a clear message
+    check_teacher(name_or_path)
+    path = os.path.expanduser(name_or_path) if name_or_path else packaged_minilm_path()
+    # a hub name is read from the local cache only, unless HF_HUB_OFFLINE=0 allows downloads: setting the
+    # variable here would come too late (huggingface_hub reads it on import), so every call says so
+    kw = {"local_files_only": True} if not os.path.isdir(path) and _offline() else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot load teacher {path!r}: {exc}") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
     cls = transformers.AutoModelForCausalLM if ("CausalLM" in arch or "LMHead" in arch) else transformers.AutoModel
-    model = cls.from_pretrained(path).to(device).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = cls.from_pretrained(path, **kw).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -180,6 +307,7 @@ class Prepared:
     held_batches: list  # the held-out texts, tokenized for evaluation
     started: float  # time.time() when the recipe started
     recipe: Recipe
+    checkpoint: Optional[dict] = None  # the resume checkpoint, read before anything was loaded
     store: Optional[object] = None  # a token store (lrkd_fast.packed.TokenStore) given as data
     train_tokens: int = 0  # with a store: its tokens before the held-out documents, the training stream
 
@@ -202,16 +330,16 @@ class Prepared:
 
 
 def prepare(r: Recipe, token_store: bool = False) -> Prepared:
-    """Join torchrun if launched by it, load the teacher and the text, hold out texts for the table.
-    ``token_store``: the recipe can train on a token store given as ``data`` (:func:`_prepare_store`)."""
+    """Check the paths (:func:`check_before_loading`), join torchrun if launched by it, read the text and
+    hold out texts for the table (before any model is loaded), load the teacher. ``token_store``: the
+    recipe can train on a token store given as ``data`` (:func:`_prepare_store`)."""
     t0 = time.time()
+    checkpoint = check_before_loading(r)
     rank, world, device = init_distributed(r.device)
     from ..packed import is_token_store
 
     if r.data and is_token_store(r.data):
-        return _prepare_store(r, token_store, t0, rank, world, device)
-    torch.manual_seed(r.seed)
-    model, tok = load_teacher(r.teacher, device)
+        return _prepare_store(r, token_store, t0, checkpoint, rank, world, device)
     texts = read_texts(r.data) if r.data else pydoc_sentences()
     heldout = default_heldout(len(texts)) if r.heldout is None else r.heldout
     need = max(r.batch_size * world, 2)
@@ -221,15 +349,17 @@ def prepare(r: Recipe, token_store: bool = False) -> Prepared:
                           f"the data has {len(texts)} texts: too few for {what}{need} training texts "
                           f"(one batch of batch_size x processes){'; lower heldout' if r.heldout else ''}")
     train, held = split_texts(texts, heldout, seed=r.seed)
+    torch.manual_seed(r.seed)
+    model, tok = load_teacher(r.teacher, device)
     result = RecipeResult(output=r.output, rank=rank)
     result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
                            sum(p.numel() for p in model.parameters()), time.time() - t0))
-    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r)
+    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, checkpoint)
     pre.held_batches = pre.eval_batches(held)
     return pre
 
 
-def _prepare_store(r: Recipe, allowed: bool, t0: float, rank: int, world: int, device: str) -> Prepared:
+def _prepare_store(r: Recipe, allowed: bool, t0: float, checkpoint, rank: int, world: int, device: str) -> Prepared:
     """:func:`prepare` for a token store (``lrkd-fast tokenize``): its last ``heldout`` documents are held
     out, training reads the tokens before them packed (:meth:`Prepared.train_batches`), and the
     held-out, calibration and read-out texts are documents decoded with the teacher's tokenizer."""
@@ -259,17 +389,22 @@ def _prepare_store(r: Recipe, allowed: bool, t0: float, rank: int, world: int, d
     result = RecipeResult(output=r.output, rank=rank)
     result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
                            sum(p.numel() for p in model.parameters()), time.time() - t0))
-    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, store=store,
-                   train_tokens=end)
+    pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, checkpoint,
+                   store=store, train_tokens=end)
     pre.held_batches = pre.eval_batches(held)
     return pre
 
 
-def finish_output(r: Recipe, method: str, heldout: int, extra: Optional[dict] = None) -> None:
+def finish_output(r: Recipe, method: str, heldout: int, extra: Optional[dict] = None,
+                  history: Optional[dict] = None) -> None:
     """After a successful save: write what the student was distilled from (``RUN_FILE``, read by
-    ``lrkd-fast eval``) and remove the final resume checkpoint unless ``keep_checkpoints``."""
+    ``lrkd-fast eval``; with the training ``history``, its steps and per-step losses) and remove the final
+    resume checkpoint unless ``keep_checkpoints``."""
     run = {"format": 1, "method": method, "teacher": r.teacher, "data": r.data, "heldout": heldout, "seed": r.seed,
            "seq_len": r.seq_len, **(extra or {}), "recipe": asdict(r)}
+    if history:
+        run["training"] = {"steps": len(history.get("step", [])), "loss": list(history.get("loss", [])),
+                           "seconds": history.get("seconds"), "stopped_early": history.get("stopped_early")}
     with open(os.path.join(r.output, RUN_FILE), "w") as f:
         json.dump(run, f, indent=1, default=str)
     if r.keep_checkpoints:

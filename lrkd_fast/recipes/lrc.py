@@ -21,8 +21,8 @@ from ..clone import LowRankClone, LRCLoss, LRCTrainer
 from ..clone.model import ATTN_CLONES, DEFAULT_ATTN_CLONE
 from ..data import TextBatches
 from ..evaluate import readout_fidelity, sentence_embeddings
-from ..training import SCHEDULES, TrainConfig
-from .base import (Recipe, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings, finish_output,
+from ..training import SCHEDULES, TrainConfig, load_parameters
+from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings, finish_output,
                    keep_better, prepare)
 
 __all__ = ["LRC_PRESETS", "LRCRecipe", "lrc_preset", "lrc_train_config", "paper_alpha", "run_lrc_recipe"]
@@ -152,7 +152,7 @@ def lrc_train_config(r: LRCRecipe, rank: int = 0) -> TrainConfig:
     return TrainConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, warmup=r.warmup, schedule=r.schedule,
                        decay_fraction=r.decay_fraction, seed=r.seed, progress=r.progress and rank == 0,
                        checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
-                       **diagnostics_settings(r))
+                       checkpoint_minutes=r.checkpoint_minutes, **diagnostics_settings(r))
 
 
 def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
@@ -168,15 +168,25 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
                                 t_held)
 
     t0 = time.time()
+    resumed = pre.checkpoint is not None  # the projections are in the checkpoint: no PCA calibration
+    init = "random" if resumed else r.init
     calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device)) \
-        if r.init == "pca" else None
-    clone = LowRankClone.from_teacher(teacher, r.student_hidden, init=r.init, calibration=calib,
+        if init == "pca" else None
+    clone = LowRankClone.from_teacher(teacher, r.student_hidden, init=init, calibration=calib,
                                       share_qkv=r.share_qkv, share_gate_up=r.share_gate_up, loss=r.loss,
                                       gradient_checkpointing=r.gradient_checkpointing, attn_clone=r.attn_clone,
                                       tie_head_projection=r.tie_head_projection)
+    if resumed:
+        try:
+            load_parameters(clone, pre.checkpoint["params"])
+        except ValueError as exc:
+            clone.close()
+            raise RecipeError("resume", f"checkpoint {pre.checkpoint['path']!r} does not fit this student: {exc}") \
+                from None
     student = clone.export_student()
     s_params = sum(p.numel() for p in student.parameters())
-    start = Row(f"LRC start ({r.init})", fidelity(student), s_params, time.time() - t0)
+    how = f"resumed at step {pre.checkpoint['step']}" if resumed else r.init
+    start = Row(f"LRC start ({how})", fidelity(student), s_params, time.time() - t0)
     result.rows.append(start)
 
     cfg = lrc_train_config(r, rank)
@@ -185,14 +195,14 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     trainer = LRCTrainer(clone, cfg)
     initial = trainer.trainable_state()
     try:
-        result.history = trainer.train(data, resume_from=r.resume, diagnostics_data=diagnostics_batches(r, held_b))
+        result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_b))
         end = Row(f"LRC trained ({len(result.history['step'])} steps)", fidelity(clone.export_student()), s_params,
                   time.time() - t1)
         result.rows.append(end)
         keep_better(result, start, end, lambda: trainer.load_trainable_state(initial), r.save_worse)
         if rank == 0:
             clone.save_student(r.output, tokenizer=tok)
-            finish_output(r, "lrc", pre.heldout, {"fit_texts": r.fit_texts})
+            finish_output(r, "lrc", pre.heldout, {"fit_texts": r.fit_texts}, history=result.history)
     finally:
         clone.close()
     result.total_seconds = time.time() - pre.started

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
+
+import torch
 
 from ..data import TextBatches
 from ..distillation import CLONE_CHOICES, DistillConfig, Distiller
@@ -19,7 +22,8 @@ from ..evaluate import embedding_fidelity, sentence_embeddings
 from ..model_utils import find_blocks
 from ..rank import break_even_rank
 from ..swap import ALLOCATIONS, INITS, LowRankConfig, save_lowrank, swap_linear_layers
-from ..swap.config import dense_weight, find_target_layers, layer_ranks
+from ..swap.config import LayerReport, SwapReport, dense_weight, find_target_layers, layer_ranks
+from ..training import load_parameters
 from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings,
                    finish_output, keep_better, prepare)
 
@@ -104,6 +108,51 @@ def _check_ranks(model, cfg: LowRankConfig, r: SwapRecipe) -> None:
                       f"layers they replace, e.g. {grown[0]}; use a lower rank or keep", UserWarning, stacklevel=3)
 
 
+def _swap_as_checkpoint(student, cfg: LowRankConfig, ckpt: dict, r: SwapRecipe) -> SwapReport:
+    """Swap ``student``'s layers at the ranks of the resume checkpoint ``ckpt`` and load its parameters,
+    without calibration (the factors are in the checkpoint). The layers must be those ``cfg`` selects,
+    of the checkpoint's shapes (and, for ranks that do not depend on calibration data, of the ranks
+    ``cfg`` gives them); the RecipeError names the parameter and both shapes."""
+    where, params = ckpt["path"], ckpt["params"]
+    ranks = {n[:-2]: v.shape[1] for n, v in params.items() if n.endswith(".U") and v.dim() == 2}
+    if not ranks:
+        raise RecipeError("resume", f"checkpoint {where!r} holds no low-rank factors: it is not from a swap run")
+    try:
+        layers = find_target_layers(student, cfg)
+        expected = layer_ranks(layers, cfg) if cfg.allocation == "uniform" else {}
+    except ValueError as exc:
+        raise RecipeError("target_modules", str(exc)) from None
+    only_ckpt, only_run = sorted(set(ranks) - set(layers)), sorted(set(layers) - set(ranks))
+    if only_ckpt or only_run:
+        raise RecipeError("resume", f"checkpoint {where!r} swapped other layers than this run selects "
+                                    f"(only in the checkpoint: {only_ckpt[:3]}; only in this run: {only_run[:3]}): "
+                                    f"resume with the target modules of the run that wrote it")
+    for name, m in layers.items():
+        d_out, d_in = dense_weight(m)[0].shape
+        want = (d_in, expected.get(name, ranks[name]))
+        got = tuple(params[name + ".U"].shape)
+        if got != want:
+            why = f" (rank {want[1]} from this run's keep / rank)" if got[0] == d_in else ""
+            raise RecipeError("resume", f"checkpoint {where!r} does not fit this student: parameter {name + '.U'!r} "
+                                        f"has shape {got} in the checkpoint but {want} in the student{why}")
+    layout = LowRankConfig(rank=cfg.rank, target_modules=list(layers), init="random",
+                           rank_pattern={re.escape(n): ranks[n] for n in layers})
+    swap_linear_layers(student, layout, progress=False)
+    try:
+        load_parameters(student, params)
+    except ValueError as exc:
+        raise RecipeError("resume", f"checkpoint {where!r} does not fit this student: {exc}") from None
+    reports = []
+    for name, m in layers.items():  # ``layers`` still holds the dense modules the swap replaced
+        w = dense_weight(m)[0].detach().double()
+        lr = student.get_submodule(name)
+        d_out, d_in = w.shape
+        err = (torch.linalg.matrix_norm(w - (lr.U.double() @ lr.V.double()).t())
+               / torch.linalg.matrix_norm(w).clamp_min(1e-30)).item()
+        reports.append(LayerReport(name, d_in, d_out, ranks[name], d_in * d_out, ranks[name] * (d_in + d_out), err))
+    return SwapReport(reports, "resumed", cfg.allocation)
+
+
 def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     if not isinstance(r, SwapRecipe):
         raise TypeError(f"r must be a SwapRecipe, got {type(r).__name__}")
@@ -117,11 +166,15 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     _check_ranks(teacher, cfg, r)
     student = copy.deepcopy(teacher)
     t0 = time.time()
-    calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device))
-    report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and rank == 0)
+    if pre.checkpoint is not None:  # the factors are in the checkpoint: no calibration
+        report = _swap_as_checkpoint(student, cfg, pre.checkpoint, r)
+        how = f"resumed at step {pre.checkpoint['step']}"
+    else:
+        calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device))
+        report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and rank == 0)
+        how = r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
     result.swap_report = report
     s_params = sum(p.numel() for p in student.parameters())
-    how = r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
     start = Row(f"low-rank start ({how})", embedding_fidelity(sentence_embeddings(student, held_batches), t_emb),
                 s_params, time.time() - t0)
     result.rows.append(start)
@@ -130,13 +183,13 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
                          train_bias=r.train_bias, teacher_cache=r.teacher_cache, clone_modules=r.clone_modules,
                          progress=r.progress and rank == 0,
                          checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
-                         **diagnostics_settings(r))
+                         checkpoint_minutes=r.checkpoint_minutes, **diagnostics_settings(r))
     data = pre.train_batches()
     t1 = time.time()
     d = Distiller(student, teacher, dcfg)
     initial = d.trainable_state()
     try:
-        result.history = d.train(data, resume_from=r.resume, diagnostics_data=diagnostics_batches(r, held_batches))
+        result.history = d.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_batches))
     finally:
         d.close()
     end = Row(f"distilled ({len(result.history['step'])} steps)",
@@ -146,6 +199,6 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     if rank == 0:
         save_lowrank(student, r.output)
         tok.save_pretrained(r.output)
-        finish_output(r, "swap", pre.heldout)
+        finish_output(r, "swap", pre.heldout, history=result.history)
     result.total_seconds = time.time() - pre.started
     return result
