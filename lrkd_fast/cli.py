@@ -176,6 +176,10 @@ def _add_distill(sub):
     lrc.add_argument("--lm-weight", type=_nonneg_float, default=None,
                      help=f"weight of the next-token cross-entropy (causal LMs) (default: {LRCLoss.lm_weight:g})")
     lrc.add_argument("--gradient-checkpointing", action="store_true", help="recompute student blocks in backward")
+    lrc.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard the teacher, the projections, gradients and optimizer state across "
+                          "the processes with FSDP2 while training; checkpoints hold one shard per process and resume "
+                          "on any process count (the teacher is loaded, the student measured and exported, whole)")
     p.set_defaults(func=_run_distill)
 
 
@@ -224,7 +228,7 @@ def _lrc_recipe(args):
         raise _FlagError("--init", f"{args.init} is not a Low-Rank Clone init; use pca or random")
     loss = _given(args, alpha="alpha", temperature="temperature", kd_weight="kd_weight", lm_weight="lm_weight")
     fields = dict(student_hidden=args.student_hidden, share_qkv=args.share_qkv, share_gate_up=args.share_gate_up,
-                  gradient_checkpointing=args.gradient_checkpointing, **_common(args),
+                  gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, **_common(args),
                   **_given(args, init="init", attn_clone="attn_clone", schedule="schedule",
                            decay_fraction="decay_fraction"))
     if args.preset:
@@ -256,6 +260,9 @@ def _run_distill(args) -> int:
 
     if args.init == "pca":
         raise _FlagError("--init", "pca is for --method lrc; swap inits are whitened, svd, random")
+    if args.fsdp:
+        raise _FlagError("--fsdp", "is for --method lrc; a swap distillation shards from Python: "
+                                   "lrkd_fast.sharding.shard_training(Distiller(...))")
     for flag in ("preset", "attn_clone", "schedule", "decay_fraction", "alpha", "temperature", "kd_weight", "lm_weight"):
         if getattr(args, flag) is not None:
             raise _FlagError("--" + flag.replace("_", "-"), "is for --method lrc")

@@ -102,6 +102,7 @@ class Distiller(TrainingLoop):
             raise TypeError(f"config must be a DistillConfig, got {type(self.cfg).__name__}")
         self.student, self.teacher = student, teacher
         self.model = student
+        self._forward = {"student": student, "teacher": teacher}  # what runs them (lrkd_fast.sharding: FSDP roots)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -187,7 +188,7 @@ class Distiller(TrainingLoop):
         want_hidden = self.output_loss != "none"
         t_acts = self._teacher_targets(batch, want_hidden)
         with self._autocast(device):
-            s_out = self.student(**batch, output_hidden_states=want_hidden)
+            s_out = self._forward["student"](**batch, output_hidden_states=want_hidden)
         s_acts = self._s_catch.pop()
         parts = {}
         loss = torch.zeros((), device=device)
@@ -220,7 +221,7 @@ class Distiller(TrainingLoop):
             if hit is not None:
                 return hit
         with torch.no_grad(), self._autocast(batch["input_ids"].device):
-            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
+            t_out = self._forward["teacher"](**batch, output_hidden_states=want_hidden)
         acts = self._t_catch.pop()
         if want_hidden:
             acts[_LAST] = t_out.hidden_states[-1]

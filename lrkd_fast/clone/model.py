@@ -52,7 +52,7 @@ Loss:  kd_weight * KL_T(p_T || p_S) [batchmean, no T^2] + lm_weight * CE + alpha
 mean_pool(h_T) @ P_emb) per text, averaged, weighted by kd_weight. Padding (attention_mask 0) rows
 are left out of every term.
 
-Layout: this file is one class (about 540 lines with this docstring) whose plan, forward and export
+Layout: this file is one class (about 640 lines with this docstring) whose plan, forward and export
 share all of its state; the BERT student class (``lrc_bert.py``), the pca init (``pca.py``) and the
 trainer (``trainer.py``) sit beside it.
 """
@@ -254,6 +254,9 @@ class LowRankClone(nn.Module):
         self._factorized_out: dict = {}  # the same for the attention output run in the teacher width
         self._acts_wide: dict = {}  # attn_clone="teacher": o_S' (teacher width) of the current block
         self._hooks = []
+        self._owners: dict = {}  # (kind, key) -> the FSDP unit holding that parameter (lrkd_fast.sharding)
+        self._run_block = None  # how forward runs a block: None = block_step (lrkd_fast.sharding: its FSDP unit)
+        self._block_context = None
         for i in range(self.n_layers):
             for site in fam.sites:
                 path = fam.site_module(site)
@@ -382,8 +385,8 @@ class LowRankClone(nn.Module):
         if kind == "pass":
             return W
         if kind == "norm":
-            return self.norms[rule[2]]
-        P = self.proj[rule[2]]
+            return self._param("norms", rule[2])
+        P = self._param("proj", rule[2])
         if kind in ("in", "emb"):
             return W @ P
         if kind == "out":
@@ -433,6 +436,13 @@ class LowRankClone(nn.Module):
         tparams = dict(self.teacher.named_parameters(remove_duplicate=False))
         return {name: self._weight(rule, tparams) for name, rule in self.plan.items()}
 
+    def _param(self, kind: str, key: str) -> torch.Tensor:
+        """Projection (kind "proj") or norm ("norms") ``key``: the clone's own parameter, or, once
+        :mod:`lrkd_fast.sharding` has moved it into an FSDP unit, the tensor that unit holds now (the
+        gathered one inside the unit's forward and backward)."""
+        owner = self._owners.get((kind, key))
+        return getattr(self if owner is None else owner, kind)[key]
+
     # ------------------------------------------------------------------ hooks
     def _catch(self, store, site):
         def fn(module, args, out):
@@ -444,7 +454,7 @@ class LowRankClone(nn.Module):
         key = self._factorized.get(id(module))
         if key is None:
             return None
-        return (F.linear(args[0], self.proj[key]),) + tuple(args[1:])
+        return (F.linear(args[0], self._param("proj", key)),) + tuple(args[1:])
 
     def _wide_out_hook(self, site):
         def fn(module, args, out):
@@ -453,7 +463,7 @@ class LowRankClone(nn.Module):
                 return None
             if self._capture:
                 self._acts_wide[site] = out  # o_S', teacher width: this form's clone term
-            return out @ self.proj[key]  # o_S = o_S' P_o, the student's attention output
+            return out @ self._param("proj", key)  # o_S = o_S' P_o, the student's attention output
         return fn
 
     def train(self, mode: bool = True):
@@ -470,7 +480,7 @@ class LowRankClone(nn.Module):
         # a 4-D attention mask (packed documents, lrkd_fast.packed) goes to both models as it is; every token counts
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else torch.ones_like(input_ids)
         tparams = dict(self.teacher.named_parameters(remove_duplicate=False))
-        P_emb = self.proj["emb"]
+        P_emb = self._param("proj", "emb")
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         if position_ids is not None:
             extra["position_ids"] = position_ids
@@ -495,40 +505,18 @@ class LowRankClone(nn.Module):
         term_sums = torch.zeros(len(sites), dtype=torch.float32, device=hT.device)
         self._factorized.clear()
         self._factorized_out.clear()
-        for i in range(self.n_layers):
-            weights = self.layer_weights(i, tokens=B * L)
-            self._capture = True
-            try:
-                with torch.no_grad():
-                    hT = first_tensor(self.t_layers[i](hT, *t_args, **t_kw))
-                acts_t, self._acts_t = self._acts_t, {}
-                layer = self.s_layers[i]
-                run = lambda h, _w=weights, _l=layer: first_tensor(functional_call(_l, _w, (h,) + s_args, s_kw))
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    hS = torch.utils.checkpoint.checkpoint(run, hS, use_reentrant=False)
-                else:
-                    hS = run(hS)
-                acts_s, self._acts_s = self._acts_s, {}
-                acts_wide, self._acts_wide = self._acts_wide, {}
-            finally:
-                self._capture = False
-            pairs = []
-            for s in sites:
-                if s in acts_wide:  # attn_clone="teacher": E(o_S', o_T) in the teacher width, no P
-                    pairs.append((acts_wide[s], acts_t[s]))
-                elif s in fam.out_sites:
-                    pairs.append((acts_s[s], acts_t[s], self.proj[self.plan_key(i, s)]))
-                else:
-                    pairs.append((acts_s[s], acts_t[s]))
-            lc, terms = clone_loss(pairs, alpha=1.0, mask=flat_mask, weights=w, return_terms=True)
-            del pairs, acts_t, acts_s, acts_wide  # teacher activations of this block are released here
-            clone_total = clone_total + lc
-            term_sums += terms
+        self._block_context = (t_args, t_kw, s_args, s_kw, flat_mask, w, B * L)
+        run_block = self._run_block or self.block_step  # lrkd_fast.sharding runs each block as an FSDP unit
+        try:
+            for i in range(self.n_layers):
+                hT, hS, clone_total, term_sums = run_block(i, hT, hS, clone_total, term_sums)
+        finally:
+            self._block_context = None
         parts = {}
         loss = self.loss.alpha * clone_total
         if fam.causal:
             hT = self.tbase.get_submodule(fam.final_norm)(hT)
-            norm_w = {n.rsplit(".", 1)[1]: self.norms[r[2]] for n, r in self.top_plan.items()
+            norm_w = {n.rsplit(".", 1)[1]: self._param("norms", r[2]) for n, r in self.top_plan.items()
                       if r[0] == "norm" and n.startswith(self.base_prefix + fam.final_norm + ".")}
             hS = functional_call(self.sbase.get_submodule(fam.final_norm), norm_w, (hS,))
             keep = flat_mask.bool()
@@ -536,7 +524,7 @@ class LowRankClone(nn.Module):
             labels[:, :-1] = torch.where(mask[:, 1:].bool(), input_ids[:, 1:], -100)
             hs, ht, lab = hS.reshape(-1, self.d_S)[keep], hT.reshape(-1, self.d_T)[keep], labels.reshape(-1)[keep]
             W_head = tparams[fam.head + ".weight"]
-            W_S = W_head @ self.proj[self.head_key]
+            W_S = W_head @ self._param("proj", self.head_key)
             common = dict(teacher_hidden=ht, teacher_weight=W_head, temperature=self.loss.temperature,
                           reduction="batchmean", batch_size=B, ce_reduction="mean", kl_on_ignored=True)
             if self.separate_parts:
@@ -560,6 +548,42 @@ class LowRankClone(nn.Module):
             parts[f"clone_{s}"] = v
         parts = {"loss": loss.item(), **parts}
         return CloneOutput(loss, parts)
+
+    def block_step(self, i: int, hT: torch.Tensor, hS: torch.Tensor, clone_total: torch.Tensor,
+                   term_sums: torch.Tensor) -> tuple:
+        """Block ``i`` of the co-training forward (called by :meth:`forward`, in order, for every block):
+        the teacher block, the student block with its freshly formed weights, and the block's clone terms.
+        Returns (hT, hS, clone_total, term_sums) after the block. Every weight and projection of the block
+        is read inside this call, so it can run as one FSDP unit (:mod:`lrkd_fast.sharding`)."""
+        t_args, t_kw, s_args, s_kw, flat_mask, w, tokens = self._block_context
+        fam, sites = self.family, self.family.sites
+        weights = self.layer_weights(i, tokens=tokens)
+        self._capture = True
+        try:
+            with torch.no_grad():
+                hT = first_tensor(self.t_layers[i](hT, *t_args, **t_kw))
+            acts_t, self._acts_t = self._acts_t, {}
+            layer = self.s_layers[i]
+            run = lambda h, _w=weights, _l=layer: first_tensor(functional_call(_l, _w, (h,) + s_args, s_kw))
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hS = torch.utils.checkpoint.checkpoint(run, hS, use_reentrant=False)
+            else:
+                hS = run(hS)
+            acts_s, self._acts_s = self._acts_s, {}
+            acts_wide, self._acts_wide = self._acts_wide, {}
+        finally:
+            self._capture = False
+        pairs = []
+        for s in sites:
+            if s in acts_wide:  # attn_clone="teacher": E(o_S', o_T) in the teacher width, no P
+                pairs.append((acts_wide[s], acts_t[s]))
+            elif s in fam.out_sites:
+                pairs.append((acts_s[s], acts_t[s], self._param("proj", self.plan_key(i, s))))
+            else:
+                pairs.append((acts_s[s], acts_t[s]))
+        lc, terms = clone_loss(pairs, alpha=1.0, mask=flat_mask, weights=w, return_terms=True)
+        del pairs, acts_t, acts_s, acts_wide  # teacher activations of this block are released here
+        return hT, hS, clone_total + lc, term_sums + terms
 
     def plan_key(self, i: int, site: str) -> str:
         key = site

@@ -44,7 +44,8 @@ class LRCTrainer(TrainingLoop):
         self._elapsed = None
 
     def compute_loss(self, batch):
-        out = self.model(**batch)
+        sharding = getattr(self, "sharding", None)  # lrkd_fast.sharding: the clone runs through its FSDP root
+        out = (self.model if sharding is None else sharding.forward_module("clone"))(**batch)
         return out.loss, out.parts
 
     def diagnostics(self, batches: list) -> dict:

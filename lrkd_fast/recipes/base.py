@@ -412,7 +412,9 @@ def finish_output(r: Recipe, method: str, heldout: int, extra: Optional[dict] = 
     ckpt = os.path.join(r.output, "checkpoints")
     last = os.path.join(ckpt, "last.pt")
     if os.path.exists(last):
-        os.remove(last)
+        from ..sharding import remove_checkpoint
+
+        remove_checkpoint(last)  # with a sharded run's shard folders
     if os.path.isdir(ckpt) and not os.listdir(ckpt):
         shutil.rmtree(ckpt)
 

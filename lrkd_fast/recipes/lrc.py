@@ -21,6 +21,7 @@ from ..clone import LowRankClone, LRCLoss, LRCTrainer
 from ..clone.model import ATTN_CLONES, DEFAULT_ATTN_CLONE
 from ..data import TextBatches
 from ..evaluate import readout_fidelity, sentence_embeddings
+from ..sharding import is_sharded_checkpoint, load_sharded_parameters, shard_training
 from ..training import SCHEDULES, TrainConfig, load_parameters
 from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings, finish_output,
                    keep_better, prepare)
@@ -43,6 +44,10 @@ class LRCRecipe(Recipe):
     tie_head_projection: the LM head shares P_emb (True) or has its own projection (causal teachers).
     fit_texts: training texts the fidelity read-out is fitted on.
     warmup, schedule, decay_fraction: the learning-rate schedule (:class:`~lrkd_fast.training.TrainConfig`).
+    fsdp: under torchrun (2 processes or more), shard the teacher, the projections, their gradients and
+        the optimizer state across the processes with FSDP2 during training (:mod:`lrkd_fast.sharding`;
+        checkpoints through torch.distributed.checkpoint, one shard per process). The teacher is loaded,
+        and the student measured and exported, whole on every process before and after training.
     preset: the preset the settings came from (:func:`lrc_preset`), or None. The defaults are for the
         small built-in run (MiniLM on CPython's docs, minutes on a CPU); ``lrc_preset("paper")`` is the
         paper's recipe for real corpora.
@@ -66,9 +71,14 @@ class LRCRecipe(Recipe):
     schedule: str = TrainConfig.schedule
     decay_fraction: float = TrainConfig.decay_fraction
     preset: Optional[str] = None
+    fsdp: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        _check(isinstance(self.fsdp, bool), "fsdp", f"must be a bool, got {self.fsdp!r}")
+        _check(not (self.fsdp and self.diagnostics_every), "fsdp",
+               "cannot run with diagnostics_every: the diagnostics run the models on rank 0 alone, sharded "
+               "models run on every process together")
         _check(_is_int(self.student_hidden) and self.student_hidden >= 2, "student_hidden",
                f"must be an int >= 2, got {self.student_hidden!r}")
         _check(self.init in LRC_INITS, "init", f"must be one of {LRC_INITS} for Low-Rank Clone, got {self.init!r}")
@@ -158,6 +168,9 @@ def lrc_train_config(r: LRCRecipe, rank: int = 0) -> TrainConfig:
 def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     if not isinstance(r, LRCRecipe):
         raise TypeError(f"r must be an LRCRecipe, got {type(r).__name__}")
+    _check(not r.fsdp or int(os.environ.get("WORLD_SIZE", "1")) >= 2, "fsdp",
+           "shards across the processes of torchrun: launch with torchrun --nproc_per_node N (N >= 2); a single "
+           "process resumes a sharded run's checkpoint without fsdp")
     pre = prepare(r, token_store=True)  # data may be a token store (lrkd-fast tokenize): packed training
     rank, teacher, tok, result, held_b = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
     fit_b = pre.eval_batches(pre.train[:r.fit_texts])
@@ -179,6 +192,8 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     if resumed:
         try:
             load_parameters(clone, pre.checkpoint["params"])
+            if is_sharded_checkpoint(pre.checkpoint):  # written by a sharded run: the parameters are in its shards
+                load_sharded_parameters(clone, pre.checkpoint)
         except ValueError as exc:
             clone.close()
             raise RecipeError("resume", f"checkpoint {pre.checkpoint['path']!r} does not fit this student: {exc}") \
@@ -195,7 +210,10 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     trainer = LRCTrainer(clone, cfg)
     initial = trainer.trainable_state()
     try:
+        sharding = shard_training(trainer) if r.fsdp else None
         result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_b))
+        if sharding is not None:  # the whole student again, on every process, to measure and export it
+            sharding.unshard()
         end = Row(f"LRC trained ({len(result.history['step'])} steps)", fidelity(clone.export_student()), s_params,
                   time.time() - t1)
         result.rows.append(end)
