@@ -118,7 +118,12 @@ def _add_distill(sub):
     p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=None,
                    help=f"tokens per text at most (default: {S('seq_len')}; 2048 with --method lrc --preset paper)")
     p.add_argument("--heldout", type=_number(int, 2, what="an int >= 2"), default=None,
-                   help="texts held out for the fidelity table (default: 10%% of the texts, at most 512)")
+                   help="texts held out for the fidelity table (default: built-in data: 512 of the pydoc sentences, "
+                        "and 512 standard-library docstring sentences as a second, other-source set; --data: 10%% "
+                        "of the texts, at most 512)")
+    p.add_argument("--corpus-size", type=_number(int, 2, what="an int >= 2"), default=None,
+                   help="built-in data: train on this many texts, the pydoc training split plus a fixed random "
+                        "subset of the package docstrings (default: the whole built-in corpus)")
     p.add_argument("--calib-texts", type=_pos_int, default=None,
                    help=f"texts for the init statistics: whitened (swap) or pca (lrc) "
                         f"(default: {S('calib_texts')} for swap, {L('calib_texts')} for lrc)")
@@ -195,11 +200,17 @@ def _common(args) -> dict:
                 keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
                 save_worse=args.save_worse, progress=not args.quiet,
                 **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
-                         calib_texts="calib_texts", output="output", seq_len="seq_len"))
+                         calib_texts="calib_texts", output="output", seq_len="seq_len", corpus_size="corpus_size"))
 
 
 def _print_result(result, what: str) -> None:
-    print(f"held-out fidelity to the teacher ({result.rows[0].fidelity.n} texts, {what}):")
+    if result.train_counts:
+        counts = sorted(result.train_counts.items(), key=lambda kv: -kv[1])
+        print(f"trained on the built-in corpus, {sum(result.train_counts.values()):,} texts: "
+              + ", ".join(f"{k} {v:,}" for k, v in counts))
+    other = f"; {result.rows[0].other.n} {result.other_name} texts never trained on" if result.other_name else ""
+    print(f"held-out fidelity to the teacher ({result.rows[0].fidelity.n} texts{other}; {what}; Spearman = rank "
+          "correlation of teacher and student similarities over all pairs):")
     print(result.table())
     for note in result.notes:
         print(f"note: {note}")
@@ -310,7 +321,9 @@ def _run_eval(args) -> int:
     report = evaluate_student(args.student, teacher=args.teacher, data=args.data, max_texts=args.max_texts,
                               device=args.device, batch_size=args.batch_size, speed_batches=args.speed_batches,
                               repeats=args.repeats, diagnostics_texts=args.diagnostics_texts)
-    print(f"{args.student} against its teacher on {report.texts}:")
+    print(f"{args.student} against its teacher on {report.texts}"
+          + (f"; '{report.other_name}': {report.other.n} standard-library docstring sentences it never trained on"
+             if report.other is not None else "") + ":")
     print(report.table())
     if report.diagnostics:
         rows = next(iter(report.diagnostics.values())).rows

@@ -8,7 +8,8 @@ import re
 from typing import Iterator, Optional
 
 
-__all__ = ["pydoc_sentences", "read_texts", "split_texts", "TextBatches", "packaged_minilm_path"]
+__all__ = ["BuiltinSplit", "Corpus", "builtin_corpus", "builtin_split", "pydoc_sentences", "read_texts", "split_texts", "stdlib_heldout", "TextBatches",
+           "packaged_minilm_path"]
 
 
 def packaged_minilm_path() -> str:
@@ -154,3 +155,7 @@ class TextBatches:
         bs = self.batch_size
         for i in range(0, len(self.texts), bs):
             yield self.encode(self.texts[i:i + bs])
+
+
+# the built-in corpus beyond pydoc lives in its own module (it imports pydoc_sentences from here)
+from .corpus import BuiltinSplit, Corpus, builtin_corpus, builtin_split, stdlib_heldout  # noqa: E402

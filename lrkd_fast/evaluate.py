@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from .model_utils import is_causal_lm, last_hidden_state
 
-__all__ = ["EmbeddingFidelity", "embedding_fidelity", "mean_pool", "readout_fidelity", "sentence_embeddings",
-           "throughput"]
+__all__ = ["EmbeddingFidelity", "embedding_fidelity", "mean_pool", "pairwise_similarity_spearman", "readout_fidelity",
+           "sentence_embeddings", "spearman", "throughput"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -48,6 +48,45 @@ class EmbeddingFidelity:
     min_cosine: float
     nn_agreement: float  # fraction of texts whose nearest neighbour is the same under both models
     n: int
+    # rank correlation of the two models' cosine similarities over all pairs of texts (nan: not measured)
+    spearman: float = float("nan")
+
+
+def _average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of a 1-D tensor, ties sharing their mean rank (as scipy.stats.rankdata)."""
+    order = torch.argsort(v, stable=True)
+    sv = v[order]
+    new = torch.ones_like(sv, dtype=torch.bool)
+    new[1:] = sv[1:] != sv[:-1]
+    group = torch.cumsum(new, 0) - 1
+    first = torch.nonzero(new).squeeze(1).double()
+    last = torch.cat([first[1:], torch.tensor([float(len(v))], dtype=torch.float64, device=v.device)]) - 1
+    ranks = torch.empty(len(v), dtype=torch.float64, device=v.device)
+    ranks[order] = ((first + last) / 2 + 1)[group]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors of the same length (>= 2); nan when one is constant."""
+    if a.dim() != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be 1-D of the same length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.numel() < 2:
+        raise ValueError(f"need at least 2 values, got {a.numel()}")
+    ra, rb = _average_ranks(a.double()), _average_ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float("nan") if den == 0 else float((ra * rb).sum() / den)
+
+
+def pairwise_similarity_spearman(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> float:
+    """Spearman correlation between the teacher's and the student's cosine similarities over all
+    pairs of texts (i < j) of normalized embeddings: does the student order pairs as the teacher does?
+    Unlike nearest-neighbour agreement it does not flip on near ties."""
+    n = student_emb.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=student_emb.device)
+    s = (student_emb.double() @ student_emb.double().t())[i, j]
+    t = (teacher_emb.double() @ teacher_emb.double().t())[i, j]
+    return spearman(s, t)
 
 
 def embedding_fidelity(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> EmbeddingFidelity:
@@ -61,7 +100,8 @@ def embedding_fidelity(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> 
     eye = torch.eye(len(cos), dtype=torch.bool, device=cos.device)
     nn_s = (student_emb @ student_emb.t()).masked_fill(eye, -2).argmax(-1)
     nn_t = (teacher_emb @ teacher_emb.t()).masked_fill(eye, -2).argmax(-1)
-    return EmbeddingFidelity(cos.mean().item(), cos.min().item(), (nn_s == nn_t).float().mean().item(), len(cos))
+    return EmbeddingFidelity(cos.mean().item(), cos.min().item(), (nn_s == nn_t).float().mean().item(), len(cos),
+                             pairwise_similarity_spearman(student_emb, teacher_emb))
 
 
 def _ridge(S: torch.Tensor, T: torch.Tensor, lam: float = 1e-3) -> torch.Tensor:

@@ -276,3 +276,10 @@ def test_lrc_resume_refuses_a_clone_of_another_width(tmp_path, capsys, tiny_teac
                              "--student-hidden", "8", "--output", str(tmp_path / "o"), "--resume", last, *SHORT],
                     f"argument --resume: checkpoint '{last}' does not fit this student: parameter 'proj.emb' has shape "
                     f"(32, 16) in the saved state but (32, 8) in this model")
+
+
+def test_eval_checks_the_device_and_folder_before_loading(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--device", "tpu"]) == 2
+    assert "lrkd-fast eval: error: argument --device: unknown device 'tpu': use cpu or cuda" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

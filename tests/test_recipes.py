@@ -45,11 +45,17 @@ def test_settings_are_checked_and_errors_name_the_setting(cls, kw, field):
 
 
 def test_the_table_and_keeping_the_better_student():
-    fid = lambda c: EmbeddingFidelity(c, c - 0.1, 0.5, 10)  # noqa: E731
+    fid = lambda c: EmbeddingFidelity(c, c - 0.1, 0.5, 10, c - 0.05)  # noqa: E731
     result = RecipeResult(rows=[Row("teacher", fid(1.0), 1000, 1.25), Row("start", fid(0.9), 500, 2.0)])
     assert result.table() == format_table(
-        ["model", "mean cos", "min cos", "NN agree", "params", "stage time s"],
-        [["teacher", "1.0000", "0.9000", "0.500", "1,000", "1.2"], ["start", "0.9000", "0.8000", "0.500", "500", "2.0"]])
+        ["model", "mean cos", "Spearman", "min cos", "NN agree", "params", "stage time s"],
+        [["teacher", "1.0000", "0.9500", "0.9000", "0.500", "1,000", "1.2"],
+         ["start", "0.9000", "0.8500", "0.8000", "0.500", "500", "2.0"]])
+    # the built-in data's second, other-source held-out set: two more columns
+    two = RecipeResult(rows=[Row("start", fid(0.9), 500, 2.0, other=fid(0.8))], other_name="stdlib")
+    assert two.table() == format_table(
+        ["model", "mean cos", "Spearman", "min cos", "NN agree", "stdlib cos", "Spearman", "params", "stage time s"],
+        [["start", "0.9000", "0.8500", "0.8000", "0.500", "0.8000", "0.7500", "500", "2.0"]])
     assert format_table(["a", "bb"], [["xyz", "1"]]) == "a    bb\n---  --\nxyz   1"
     restored = []
     better = Row("distilled", fid(0.95), 500, 3.0)

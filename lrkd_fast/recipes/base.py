@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._table import format_table
-from ..data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
+from ..data import TextBatches, builtin_split, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
 from ..evaluate import EmbeddingFidelity
 
 __all__ = ["RUN_FILE", "Prepared", "Recipe", "RecipeError", "RecipeResult", "Row", "check_before_loading",
@@ -76,6 +76,7 @@ class Recipe:
     checkpoint_every: int = 0
     checkpoint_minutes: float = 10.0
     overwrite: bool = False
+    corpus_size: Optional[int] = None  # built-in data only: train on this many texts (None: all of the corpus)
     diagnostics_every: int = 0  # steps between per-layer CKA / MI logs (0: off); plot in output/diagnostics.png
     keep_checkpoints: bool = False
     save_worse: bool = False
@@ -94,6 +95,10 @@ class Recipe:
         _check(_is_int(self.seq_len) and self.seq_len >= 2, "seq_len", f"must be an int >= 2, got {self.seq_len!r}")
         _check(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
                f"must be an int >= 0, got {self.checkpoint_every!r}")
+        _check(self.corpus_size is None or (_is_int(self.corpus_size) and self.corpus_size >= 2), "corpus_size",
+               f"must be None or an int >= 2, got {self.corpus_size!r}")
+        _check(self.corpus_size is None or self.data is None, "corpus_size",
+               "is for the built-in corpus; with data= every text of the file is used")
         _check(_is_int(self.diagnostics_every) and self.diagnostics_every >= 0, "diagnostics_every",
                f"must be an int >= 0, got {self.diagnostics_every!r}")
         _check(_is_finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
@@ -219,6 +224,10 @@ def diagnostics_batches(r: Recipe, held_batches: list) -> Optional[list]:
     return list(held_batches[:2]) if r.diagnostics_every else None
 
 
+BUILTIN_HELDOUT = 512  # pydoc sentences held out from the built-in corpus
+OTHER_NAME = "stdlib"  # the built-in corpus's other-source held-out set: CPython's standard-library docstrings
+
+
 def default_heldout(n_texts: int) -> int:
     """Held-out texts for ``n_texts`` when none is asked for: 10%, at least 2, at most 512."""
     return min(HELDOUT_CAP, max(2, round(HELDOUT_FRACTION * n_texts)))
@@ -268,9 +277,10 @@ def load_teacher(name_or_path: Optional[str], device: str):
 @dataclass
 class Row:
     label: str
-    fidelity: EmbeddingFidelity
+    fidelity: EmbeddingFidelity  # on the held-out texts
     params: int
     seconds: float
+    other: Optional[EmbeddingFidelity] = None  # on the other-source held-out set (built-in data)
 
 
 @dataclass
@@ -283,12 +293,22 @@ class RecipeResult:
     notes: list = field(default_factory=list)  # what the table alone does not say
     saved: str = ""  # which student was saved: "distilled" or "start"
     total_seconds: float = 0.0
+    other_name: str = ""  # the second held-out set's source ("" when there is none)
+    train_counts: dict = field(default_factory=dict)  # built-in data: training texts per source
 
     def table(self) -> str:
-        """One line per stage: fidelity, parameters, and the seconds that stage took."""
-        head = ["model", "mean cos", "min cos", "NN agree", "params", "stage time s"]
-        body = [[r.label, f"{r.fidelity.mean_cosine:.4f}", f"{r.fidelity.min_cosine:.4f}",
-                 f"{r.fidelity.nn_agreement:.3f}", f"{r.params:,}", f"{r.seconds:.1f}"] for r in self.rows]
+        """One line per stage: fidelity (mean / min cosine, pairwise-similarity Spearman, nearest-neighbour
+        agreement; then mean cosine and Spearman on the other-source set), parameters, the stage's seconds."""
+        other = bool(self.other_name)
+        head = ["model", "mean cos", "Spearman", "min cos", "NN agree"] + \
+            ([f"{self.other_name} cos", "Spearman"] if other else []) + ["params", "stage time s"]
+        body = []
+        for r in self.rows:
+            f, o = r.fidelity, r.other
+            row = [r.label, f"{f.mean_cosine:.4f}", f"{f.spearman:.4f}", f"{f.min_cosine:.4f}", f"{f.nn_agreement:.3f}"]
+            if other:
+                row += [f"{o.mean_cosine:.4f}", f"{o.spearman:.4f}"] if o is not None else ["", ""]
+            body.append(row + [f"{r.params:,}", f"{r.seconds:.1f}"])
         return format_table(head, body)
 
 
@@ -308,8 +328,23 @@ class Prepared:
     started: float  # time.time() when the recipe started
     recipe: Recipe
     checkpoint: Optional[dict] = None  # the resume checkpoint, read before anything was loaded
+    other_batches: list = field(default_factory=list)  # the built-in data's second held-out set (another source)
+    _teacher_emb: dict = field(default_factory=dict)
     store: Optional[object] = None  # a token store (lrkd_fast.packed.TokenStore) given as data
     train_tokens: int = 0  # with a store: its tokens before the held-out documents, the training stream
+
+    def measure(self, fidelity) -> dict:
+        """Row fields ``fidelity`` and ``other`` for a student: ``fidelity(batches, teacher_embeddings)``
+        on the held-out texts and, with the built-in data, on the other-source held-out set."""
+        from ..evaluate import sentence_embeddings
+
+        out = {}
+        for key, batches in (("fidelity", self.held_batches), ("other", self.other_batches)):
+            if batches:
+                if key not in self._teacher_emb:
+                    self._teacher_emb[key] = sentence_embeddings(self.teacher, batches)
+                out[key] = fidelity(batches, self._teacher_emb[key])
+        return out
 
     def train_batches(self) -> "TextBatches":
         """This process's shuffled training batches (of a token store: packed, no attention across documents)."""
@@ -341,21 +376,31 @@ def prepare(r: Recipe, token_store: bool = False) -> Prepared:
     if r.data and is_token_store(r.data):
         return _prepare_store(r, token_store, t0, checkpoint, rank, world, device)
     texts = read_texts(r.data) if r.data else pydoc_sentences()
-    heldout = default_heldout(len(texts)) if r.heldout is None else r.heldout
+    heldout = (default_heldout(len(texts)) if r.data else BUILTIN_HELDOUT) if r.heldout is None else r.heldout
     need = max(r.batch_size * world, 2)
     if len(texts) - heldout < need:
         what = "" if r.heldout is None else f"{heldout} held-out texts plus "
         raise RecipeError("heldout" if r.heldout is not None else "data",
                           f"the data has {len(texts)} texts: too few for {what}{need} training texts "
                           f"(one batch of batch_size x processes){'; lower heldout' if r.heldout else ''}")
-    train, held = split_texts(texts, heldout, seed=r.seed)
+    other, counts = [], {}
+    if r.data:
+        train, held = split_texts(texts, heldout, seed=r.seed)
+    else:  # pydoc's held-out split, the package docstrings to train on, the standard library held out too
+        try:
+            split = builtin_split(heldout, seed=r.seed, corpus_size=r.corpus_size, progress=r.progress and rank == 0)
+        except ValueError as exc:
+            raise RecipeError("corpus_size", str(exc).removeprefix("corpus_size ")) from None
+        train, held, other, counts = split.train, split.held, split.other, split.counts
     torch.manual_seed(r.seed)
     model, tok = load_teacher(r.teacher, device)
-    result = RecipeResult(output=r.output, rank=rank)
-    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
-                           sum(p.numel() for p in model.parameters()), time.time() - t0))
+    result = RecipeResult(output=r.output, rank=rank, other_name=OTHER_NAME if other else "", train_counts=counts)
+    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held), 1.0),
+                           sum(p.numel() for p in model.parameters()), time.time() - t0,
+                           EmbeddingFidelity(1.0, 1.0, 1.0, len(other), 1.0) if other else None))
     pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, checkpoint)
     pre.held_batches = pre.eval_batches(held)
+    pre.other_batches = pre.eval_batches(other) if other else []
     return pre
 
 
@@ -387,7 +432,7 @@ def _prepare_store(r: Recipe, allowed: bool, t0: float, checkpoint, rank: int, w
             from None
     train, held = store_texts(store, tok, heldout, max(getattr(r, "fit_texts", 0), r.calib_texts))
     result = RecipeResult(output=r.output, rank=rank)
-    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held)),
+    result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held), 1.0),
                            sum(p.numel() for p in model.parameters()), time.time() - t0))
     pre = Prepared(rank, world, device, model, tok, train, held, result, heldout, [], t0, r, checkpoint,
                    store=store, train_tokens=end)

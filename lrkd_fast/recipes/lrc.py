@@ -174,11 +174,11 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     pre = prepare(r, token_store=True)  # data may be a token store (lrkd-fast tokenize): packed training
     rank, teacher, tok, result, held_b = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
     fit_b = pre.eval_batches(pre.train[:r.fit_texts])
-    t_held, t_fit = sentence_embeddings(teacher, held_b), sentence_embeddings(teacher, fit_b)
+    t_fit = sentence_embeddings(teacher, fit_b)
 
     def fidelity(student):
-        return readout_fidelity(sentence_embeddings(student, fit_b), t_fit, sentence_embeddings(student, held_b),
-                                t_held)
+        return pre.measure(lambda batches, t_emb: readout_fidelity(sentence_embeddings(student, fit_b), t_fit,
+                                                                   sentence_embeddings(student, batches), t_emb))
 
     t0 = time.time()
     resumed = pre.checkpoint is not None  # the projections are in the checkpoint: no PCA calibration
@@ -201,7 +201,7 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     student = clone.export_student()
     s_params = sum(p.numel() for p in student.parameters())
     how = f"resumed at step {pre.checkpoint['step']}" if resumed else r.init
-    start = Row(f"LRC start ({how})", fidelity(student), s_params, time.time() - t0)
+    start = Row(f"LRC start ({how})", params=s_params, seconds=time.time() - t0, **fidelity(student))
     result.rows.append(start)
 
     cfg = lrc_train_config(r, rank)
@@ -214,8 +214,8 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
         result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_b))
         if sharding is not None:  # the whole student again, on every process, to measure and export it
             sharding.unshard()
-        end = Row(f"LRC trained ({len(result.history['step'])} steps)", fidelity(clone.export_student()), s_params,
-                  time.time() - t1)
+        end = Row(f"LRC trained ({len(result.history['step'])} steps)", params=s_params, seconds=time.time() - t1,
+                  **fidelity(clone.export_student()))
         result.rows.append(end)
         keep_better(result, start, end, lambda: trainer.load_trainable_state(initial), r.save_worse)
         if rank == 0:

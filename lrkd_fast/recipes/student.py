@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 
 from .._table import format_table
-from ..data import TextBatches, packaged_minilm_path, pydoc_sentences, read_texts, split_texts
+from ..data import TextBatches, builtin_split, packaged_minilm_path, read_texts, split_texts
 from ..evaluate import EmbeddingFidelity, embedding_fidelity, readout_fidelity, sentence_embeddings, throughput
 from ..model_utils import is_causal_lm
 from ..swap import LAYOUT_FILE, load_lowrank, merge_linear_layers
 from ..swap.io import model_class_for, weights_file_size
-from .base import default_heldout, load_teacher, read_run_file
+from .base import BUILTIN_HELDOUT, OTHER_NAME, check_device, default_heldout, load_teacher, read_run_file
 
 __all__ = ["StudentReport", "evaluate_student", "export_merged", "load_student"]
 
@@ -70,6 +70,8 @@ class StudentReport:
     readout: bool  # fidelity through a ridge read-out (student narrower than the teacher)
     notes: list = field(default_factory=list)
     diagnostics: dict = field(default_factory=dict)  # block -> LayerDiagnostics (teacher vs student)
+    other: Optional[EmbeddingFidelity] = None  # built-in data: on the other-source held-out set
+    other_name: str = ""
 
     def diagnostics_table(self) -> str:
         """Per-block linear CKA and Gaussian MI between teacher and student ('' when not measured)."""
@@ -78,36 +80,43 @@ class StudentReport:
         return format_diagnostics(self.diagnostics) if self.diagnostics else ""
 
     def table(self) -> str:
-        f = self.fidelity
-        head = ["model", "mean cos", "min cos", "NN agree", "params", "weights MB", self.speed_unit]
+        f, o = self.fidelity, self.other
+        extra = [f"{self.other_name} cos", "Spearman"] if o is not None else []
+        head = ["model", "mean cos", "Spearman", "min cos", "NN agree", *extra, "params", "weights MB", self.speed_unit]
 
         def size(k):
             return f"{self.file_bytes[k] / 1e6:.1f}" + ("" if self.file_measured[k] else " (in memory)")
 
-        rows = [["teacher", "1.0000", "1.0000", "1.000", f"{self.params['teacher']:,}", size("teacher"),
-                 f"{self.speed['teacher']:.1f}"],
-                ["student", f"{f.mean_cosine:.4f}", f"{f.min_cosine:.4f}", f"{f.nn_agreement:.3f}",
+        ones = ["1.0000"] * len(extra)
+        rows = [["teacher", "1.0000", "1.0000", "1.0000", "1.000", *ones, f"{self.params['teacher']:,}",
+                 size("teacher"), f"{self.speed['teacher']:.1f}"],
+                ["student", f"{f.mean_cosine:.4f}", f"{f.spearman:.4f}", f"{f.min_cosine:.4f}", f"{f.nn_agreement:.3f}",
+                 *([f"{o.mean_cosine:.4f}", f"{o.spearman:.4f}"] if o is not None else []),
                  f"{self.params['student']:,}", size("student"), f"{self.speed['student']:.1f}"],
-                ["student / teacher", "", "", "", f"{self.params['student'] / self.params['teacher']:.1%}",
+                ["student / teacher", "", "", "", "", *[""] * len(extra),
+                 f"{self.params['student'] / self.params['teacher']:.1%}",
                  f"{self.file_bytes['student'] / self.file_bytes['teacher']:.1%}",
                  f"{self.speed['student'] / self.speed['teacher']:.2f}x"]]
         return format_table(head, rows)
 
 
-def _texts(run: dict, data: Optional[str], max_texts: Optional[int], tok=None) -> tuple[list, list, str]:
-    """(texts to compare on, training texts for a read-out fit, description)."""
+def _texts(run: dict, data: Optional[str], max_texts: Optional[int], tok=None) -> tuple[list, list, str, list]:
+    """(texts to compare on, training texts for a read-out fit, description, other-source held-out texts
+    of a built-in-data run or [])."""
     from ..packed import TokenStore, is_token_store, store_texts
 
-    run_data = run.get("data")
+    run_data, other = run.get("data"), []
     if run_data and is_token_store(run_data):  # trained on a token store: its last documents were held out
         store = TokenStore(run_data)
         train, held = store_texts(store, tok, run.get("heldout") or default_heldout(len(store)),
                                   run.get("fit_texts", 512))
-    else:
-        source = read_texts(run_data) if run_data else pydoc_sentences()
-        seed = run.get("seed", 0)
-        heldout = run.get("heldout") or default_heldout(len(source))
-        train, held = split_texts(source, heldout, seed=seed)
+    elif run_data:
+        source = read_texts(run_data)
+        train, held = split_texts(source, run.get("heldout") or default_heldout(len(source)), seed=run.get("seed", 0))
+    else:  # the built-in corpus, split as the run split it
+        split = builtin_split(run.get("heldout") or BUILTIN_HELDOUT, seed=run.get("seed", 0),
+                              corpus_size=(run.get("recipe") or {}).get("corpus_size"))
+        train, held, other = split.train, split.held, split.other
     if data:
         texts = read_texts(data)
         what = f"{data}"
@@ -119,7 +128,7 @@ def _texts(run: dict, data: Optional[str], max_texts: Optional[int], tok=None) -
         texts = texts[:max_texts]
     if len(texts) < 2:
         raise ValueError(f"need at least 2 texts to compare, got {len(texts)}")
-    return texts, train, f"{len(texts)} texts: {what}"
+    return texts, train, f"{len(texts)} texts: {what}", other if not data else []
 
 
 def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[str] = None,
@@ -138,21 +147,31 @@ def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[st
     if isinstance(speed_batches, bool) or not isinstance(speed_batches, int) or speed_batches < 1:
         raise ValueError(f"speed_batches must be an int >= 1, got {speed_batches!r}")
     run = read_run_file(path)
+    check_device(device)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"student {path!r} is not a directory")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher_name = teacher if teacher is not None else run.get("teacher")
     t_model, tok = load_teacher(teacher_name, device)
     student = load_student(path, device)
     seq_len = run.get("seq_len", 128)
-    texts, train, what = _texts(run, data, max_texts, tok)
+    texts, train, what, other = _texts(run, data, max_texts, tok)
     batches = list(TextBatches(texts, tok, batch_size, seq_len, shuffle=False, device=device))
     t_emb, s_emb = sentence_embeddings(t_model, batches), sentence_embeddings(student, batches)
     readout = s_emb.shape[1] != t_emb.shape[1]
     if readout:
         fit = list(TextBatches(train[:run.get("fit_texts", 512)], tok, batch_size, seq_len, shuffle=False,
                                device=device))
-        fid = readout_fidelity(sentence_embeddings(student, fit), sentence_embeddings(t_model, fit), s_emb, t_emb)
-    else:
-        fid = embedding_fidelity(s_emb, t_emb)
+        s_fit, t_fit = sentence_embeddings(student, fit), sentence_embeddings(t_model, fit)
+
+    def fidelity(s_emb, t_emb):
+        return readout_fidelity(s_fit, t_fit, s_emb, t_emb) if readout else embedding_fidelity(s_emb, t_emb)
+
+    fid = fidelity(s_emb, t_emb)
+    other_fid = None
+    if other:
+        o_batches = list(TextBatches(other[:max_texts], tok, batch_size, seq_len, shuffle=False, device=device))
+        other_fid = fidelity(sentence_embeddings(student, o_batches), sentence_embeddings(t_model, o_batches))
     causal = is_causal_lm(t_model)
     if causal:  # prompts for generate(): short and left-padded
         side, tok.padding_side = tok.padding_side, "left"
@@ -170,7 +189,8 @@ def evaluate_student(path: str, teacher: Optional[str] = None, data: Optional[st
     report = StudentReport(fid, {k: sum(p.numel() for p in m.parameters()) for k, m in
                                  (("teacher", t_model), ("student", student))},
                            {k: v[0] for k, v in sizes.items()}, {k: v[1] for k, v in sizes.items()}, speed,
-                           "gen tok/s" if causal else "texts/s", what, readout)
+                           "gen tok/s" if causal else "texts/s", what, readout, other=other_fid,
+                           other_name=OTHER_NAME if other_fid is not None else "")
     if readout:
         report.notes.append("the student is narrower than the teacher: fidelity through a ridge read-out fitted on "
                             "training texts")

@@ -158,7 +158,6 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
         raise TypeError(f"r must be a SwapRecipe, got {type(r).__name__}")
     pre = prepare(r)
     rank, teacher, tok, result, held_batches = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
-    t_emb = sentence_embeddings(teacher, held_batches)
 
     allocation = r.resolved_allocation
     cfg = LowRankConfig(rank=r.rank if r.rank is not None else float(r.keep), allocation=allocation,
@@ -175,8 +174,10 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
         how = r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
     result.swap_report = report
     s_params = sum(p.numel() for p in student.parameters())
-    start = Row(f"low-rank start ({how})", embedding_fidelity(sentence_embeddings(student, held_batches), t_emb),
-                s_params, time.time() - t0)
+    def fidelity(batches, t_emb):
+        return embedding_fidelity(sentence_embeddings(student, batches), t_emb)
+
+    start = Row(f"low-rank start ({how})", params=s_params, seconds=time.time() - t0, **pre.measure(fidelity))
     result.rows.append(start)
 
     dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, train_norms=r.train_norms,
@@ -192,8 +193,8 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
         result.history = d.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_batches))
     finally:
         d.close()
-    end = Row(f"distilled ({len(result.history['step'])} steps)",
-              embedding_fidelity(sentence_embeddings(student, held_batches), t_emb), s_params, time.time() - t1)
+    end = Row(f"distilled ({len(result.history['step'])} steps)", params=s_params, seconds=time.time() - t1,
+              **pre.measure(fidelity))
     result.rows.append(end)
     keep_better(result, start, end, lambda: d.load_trainable_state(initial), r.save_worse)
     if rank == 0:
