@@ -443,7 +443,7 @@ def test_cli_preset_and_attn_clone_flags(tiny_teacher_dir):
                           "--attn-clone", "teacher", "--schedule", "wsd", "--decay-fraction", "0.2"))
     assert (r.seq_len, r.loss.alpha, r.attn_clone, r.schedule, r.decay_fraction) == (64, 0.9, "teacher", "wsd", 0.2)
     r = _lrc_recipe(parse())
-    assert (r.preset, r.lr, r.seq_len, r.attn_clone, r.loss.alpha) == (None, 1e-3, 128, "student", 0.2)
+    assert (r.preset, r.lr, r.seq_len, r.attn_clone, r.loss.alpha) == (None, 1e-3, 128, "teacher", 0.2)
     assert main(["distill", "--attn-clone", "teacher"]) == 2  # swap: refused, naming the flag
 
 

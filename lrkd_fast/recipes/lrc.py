@@ -133,9 +133,10 @@ def lrc_preset(name: str, *, loss_fields: Optional[dict] = None, **fields) -> LR
     warm-up then linear decay to 0, the paper's random N(0, 0.02) init, KL temperature 40, alpha by
     :func:`paper_alpha` (0.2, or 0.5 for students wider than half the teacher; the teacher's config is
     read for its width), sequences of 2048 tokens, 16 per step and process (32k tokens, the paper's
-    32k-49k per step). The paper packs its corpus into 2048-token sequences; until the packed reader
-    exists the recipe reads one text per sequence (at most 2048 tokens, padded), which only matches
-    the paper on long documents. ``steps`` stays the caller's: the paper trains on 10-20B tokens.
+    32k-49k per step). The paper packs its corpus into 2048-token sequences: give ``data`` as a token
+    store (``lrkd-fast tokenize``) for that; text data is read one text per sequence (at most 2048
+    tokens, padded). The attention-output term stays the recipe's ``attn_clone`` (default "teacher",
+    the authors' code's form). ``steps`` stays the caller's: the paper trains on 10-20B tokens.
     """
     if name not in LRC_PRESETS:
         raise ValueError(f"name must be one of {LRC_PRESETS}, got {name!r}")
