@@ -489,17 +489,9 @@ def load_sharded_checkpoint(loop, state: dict, opt, sched) -> tuple:
         sched.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {where!r}: its schedule does not fit this run: {exc}") from None
-    data = getattr(loop, "_data", None)
-    if state.get("data") is not None and data is not None:
-        try:
-            data.load_state_dict(state["data"])
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {where!r}: its data position does not fit this data: {exc}") from None
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["history"]
+    from .training import restore_data_and_rng
+
+    return restore_data_and_rng(loop, state, where)
 
 
 def load_sharded_parameters(model: nn.Module, state: dict) -> None:

@@ -498,16 +498,23 @@ class TrainingLoop:
             sched.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {where!r}: its optimizer state does not fit this run: {exc}") from None
-        if state.get("data") is not None and getattr(self, "_data", None) is not None:
-            try:
-                self._data.load_state_dict(state["data"])
-            except ValueError as exc:
-                raise CheckpointError(f"checkpoint {where!r}: its data position does not fit this data: {exc}") from None
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], state["history"]
+        return restore_data_and_rng(self, state, where)
+
+
+def restore_data_and_rng(loop, state: dict, where: str) -> tuple:
+    """The rest of a resume, plain or sharded: the data's read position (when the loop's data keeps
+    one) and the random generators; returns (step, history) of the checkpoint ``state``."""
+    data = getattr(loop, "_data", None)
+    if state.get("data") is not None and data is not None:
+        try:
+            data.load_state_dict(state["data"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {where!r}: its data position does not fit this data: {exc}") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["history"]
 
 
 def load_parameters(model: nn.Module, state: dict) -> None:
