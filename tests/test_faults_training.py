@@ -270,7 +270,10 @@ def test_sigint_to_a_real_distill_run_then_resume_reaches_the_uninterrupted_loss
     from lrkd_fast.cli import main
 
     common = ["distill", "--teacher", tiny_teacher_dir, "--data", small_text_file, "--steps", "16", "--init", "svd",
-              "--calib-texts", "8", "--batch-size", "4", "--seq-len", "16", "--quiet", "--checkpoint-every", "1"]
+              "--calib-texts", "8", "--batch-size", "4", "--seq-len", "16", "--quiet", "--checkpoint-every", "1",
+              # the cache would serve epoch-two targets computed inside other batches (other padding),
+              # which the resumed run recomputes: equal only up to a CPU's rounding, amplified by Adam
+              "--no-teacher-cache"]
     out = str(tmp_path / "run")
     env = dict(os.environ, LRKD_FAST_BACKEND="eager")
     proc = subprocess.Popen([sys.executable, "-m", "lrkd_fast.cli", *common, "--output", out],
@@ -294,5 +297,4 @@ def test_sigint_to_a_real_distill_run_then_resume_reaches_the_uninterrupted_loss
         assert main([*common, "--output", ref]) == 0
     resumed, full = _losses(out), _losses(ref)
     assert len(resumed) == len(full) == 16
-    # the teacher cache is refilled after a resume: equal up to float rounding
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-6, atol=1e-12)
