@@ -10,10 +10,10 @@ Both forms (``LowRankClone(attn_clone=...)``): "student" = E(o_S, o_T P_o) in th
 teacher width (no gradient to P_o from that term). Everything else is equal between the two arms.
 
 * ``--minilm``: the default ``lrkd-fast distill --method lrc`` run (all-MiniLM-L6-v2 384 -> 256 on
-  CPython's pydoc sentences, the recipe's defaults: pca init, 100 steps, lr 1e-3, batch 32, 128
+  the built-in corpus, the recipe's defaults: pca init, 100 steps, lr 1e-3, batch 32, 128
   tokens), once per form through :func:`lrkd_fast.recipes.run_lrc_recipe` (what the command runs,
-  with ``--attn-clone FORM``). Held-out fidelity is the recipe's (ridge read-out), on the held-out
-  pydoc sentences and (``other_*``, where the recipe measures it) its other-source held-out set.
+  with ``--attn-clone FORM``). Held-out fidelity is the recipe's (ridge read-out), on the 512
+  held-out pydoc sentences and (``other_*``) the 512 standard-library sentences never trained on.
 * ``--causal``: a tiny Llama (hidden 128, 2 layers, 4 heads / 2 KV heads, FFN 344) over a
   2048-token vocabulary (the MiniLM tokenizer's 2046 most frequent ids on the training texts, plus
   padding and unknown), first trained as a language model on the training texts (``teacher_steps``,
