@@ -206,11 +206,9 @@ class ShardedTraining:
 
     def agree(self, flag: bool) -> bool:
         """True on every process when it is True on any (so a time-based decision is the same everywhere)."""
-        import torch.distributed as dist
+        from .training import any_process
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_process(flag, self._device)
 
     def save_checkpoint(self, loop, path: str, step: int, opt, sched, history: dict) -> None:
         """Write the checkpoint ``path`` of a sharded run, on every process together: the parameters and

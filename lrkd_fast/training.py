@@ -151,6 +151,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def any_process(flag: bool, device=None) -> bool:
+    """``flag`` of this process, or of any process under torch.distributed with several processes
+    (``device``: where the backend reduces, e.g. a CUDA device under NCCL)."""
+    import torch.distributed as dist
+
+    if not _distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_parameters(params) -> None:
     """Give every process rank 0's values (as DDP does when it wraps a model): an init calibrated on each
     process's own data (whitened, sequential) would otherwise leave the replicas apart for good."""
@@ -386,9 +398,12 @@ class TrainingLoop:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients: over every shard
 
     def _agree(self, flag: bool) -> bool:
-        """A time-based decision (checkpoint now, stop now) taken by every process of a sharded run together
-        (any process's True counts), since each such step is a collective there."""
-        return self.sharding.agree(flag) if self.sharding is not None else flag
+        """A time-based decision (checkpoint now, stop now) taken by every process together (any process's
+        True counts): each process's clock differs, and a process that stopped alone would leave the others
+        waiting in the next step's collectives."""
+        if self.sharding is not None:
+            return self.sharding.agree(flag)
+        return any_process(flag, self.params[0].device)
 
     def _check_finite(self, step: int, loss: torch.Tensor, norm: torch.Tensor, sched) -> None:
         """Raise :class:`TrainingDiverged` when the loss or the gradient norm is NaN or infinite (on any

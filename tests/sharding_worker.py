@@ -9,6 +9,8 @@ torch.distributed.checkpoint, each process its own shard). The weights are gathe
 (ShardedTraining.unshard) and rank 0 writes them. Then a fresh student (another init) is sharded,
 resumed from that checkpoint for a second step on the same half, and written the same way. The test
 compares both with single-process runs on the whole batch, and resumes the checkpoint in one process.
+Then plain DDP runs (no sharding) of both methods under a time cap that only rank 0 reaches write
+how many steps each process ran (OUT_DIR/ddp_time_cap.pt).
 Last, in the same process group, ``lrkd-fast distill --method lrc --fsdp`` runs 2 steps on the tiny BERT
 TEACHER_DIR and TEXT_FILE into OUT_DIR/cli (CLI_ARGS).
 """
@@ -48,11 +50,11 @@ def half(b, rank, world):
     return {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
 
 
-def lrc_loop(steps, checkpoint_dir=None, init_seed=1, **clone_kw):
+def lrc_loop(steps, checkpoint_dir=None, init_seed=1, cfg_kw=None, **clone_kw):
     t = teacher()
     torch.manual_seed(init_seed)
     clone = LowRankClone.from_teacher(t, 16, **clone_kw)
-    return LRCTrainer(clone, TrainConfig(steps=steps, checkpoint_dir=checkpoint_dir, **STEP))
+    return LRCTrainer(clone, TrainConfig(steps=steps, checkpoint_dir=checkpoint_dir, **STEP, **(cfg_kw or {})))
 
 
 def lrc_recompute_loop(steps, checkpoint_dir=None, init_seed=1):
@@ -63,14 +65,14 @@ def lrc_recompute_loop(steps, checkpoint_dir=None, init_seed=1):
                     attn_clone="teacher")
 
 
-def swap_loop(steps, checkpoint_dir=None, init_seed=1):
+def swap_loop(steps, checkpoint_dir=None, init_seed=1, cfg_kw=None):
     t = teacher()
     student = copy.deepcopy(t)
     torch.manual_seed(init_seed)
     swap_linear_layers(student, LowRankConfig(rank=8, init="random"), progress=False)
     # clone_normalize off: its weights are each batch's own statistics, which differ between halves
     cfg = DistillConfig(steps=steps, checkpoint_dir=checkpoint_dir, clone_normalize=False, teacher_cache=False,
-                        autocast="off", **STEP)
+                        autocast="off", **STEP, **(cfg_kw or {}))
     return Distiller(student, t, cfg)
 
 
@@ -138,6 +140,16 @@ def main(out_dir, teacher_dir, text_file):
                             **grads},
                            os.path.join(out_dir, f"{method}.pt"))
             dist.barrier()
+    # plain DDP under a time cap that only rank 0 reaches: every process must stop at rank 0's step
+    stops = {}
+    for method in ("lrc", "swap"):
+        loop = LOOPS[method](500, cfg_kw={"max_minutes": 0.002 if rank == 0 else 60.0})
+        hist = loop.train([mine])
+        stops[method] = (len(hist["step"]), hist["stopped_early"])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, stops)
+    if rank == 0:
+        torch.save(gathered, os.path.join(out_dir, "ddp_time_cap.pt"))
     from lrkd_fast.cli import main as cli
 
     assert cli(CLI_ARGS + ["--fsdp", "--teacher", teacher_dir, "--data", text_file, "--steps", "2",

@@ -144,3 +144,12 @@ def test_cli_fsdp_run_resumes_in_one_process(sharded_runs, tiny_teacher_dir, sma
     assert "argument --fsdp: shards across the processes of torchrun" in capsys.readouterr().err
     assert main(["distill", "--fsdp", "--teacher", tiny_teacher_dir, "--output", out + "-2"]) == 2
     assert "argument --fsdp: is for --method lrc" in capsys.readouterr().err
+
+
+def test_plain_ddp_time_cap_stops_every_process_together(sharded_runs):
+    """A time cap reached by one process stops all of them at the same step (else the others wait in
+    the next step's gradient all-reduce for good)."""
+    per_rank = torch.load(os.path.join(sharded_runs, "ddp_time_cap.pt"))
+    for method in ("lrc", "swap"):
+        (steps0, early0), (steps1, early1) = (r[method] for r in per_rank)
+        assert steps0 == steps1 and 1 <= steps0 < 500 and early0 and early1, (method, per_rank)
