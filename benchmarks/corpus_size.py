@@ -2,10 +2,11 @@
 
 The default ``lrkd-fast distill`` (all-MiniLM-L6-v2 at half its encoder's linear parameters, the
 same steps) trained on the pydoc training split alone and on growing fixed subsets of the built-in
-corpus (``corpus_size``), measured on the two held-out sets of the default table: 512 pydoc
-sentences and 512 standard-library docstring sentences (a source never trained on)::
+corpus (``corpus_size``), every text once per epoch (``pydoc_repeats=1``), measured on the two
+held-out sets of the default table: 512 pydoc sentences and 512 standard-library docstring sentences
+(a source never trained on)::
 
-    python -m benchmarks.corpus_size --out benchmarks/results/corpus_size          # about 6 minutes per size
+    python -m benchmarks.corpus_size --out benchmarks/results/corpus_size          # about 9 minutes per size
     python -m benchmarks.corpus_size --sizes 1400 12000 --steps 200 --out DIR      # fewer, shorter runs
 
 Writes ``corpus_size.csv`` and a README with the table, the command and the machine.
@@ -25,14 +26,28 @@ FIELDS = ["corpus_size", "train_texts", "steps", "wall_s", "pydoc_mean_cos", "py
           "stdlib_mean_cos", "stdlib_spearman"]
 
 
+def fidelity_columns(f, o) -> dict:
+    """The CSV columns of a run's fidelity on the pydoc (``f``) and the standard-library (``o``) held-out sets."""
+    return {"pydoc_mean_cos": round(f.mean_cosine, 4), "pydoc_spearman": round(f.spearman, 4),
+            "pydoc_nn_agree": round(f.nn_agreement, 3), "stdlib_mean_cos": round(o.mean_cosine, 4),
+            "stdlib_spearman": round(o.spearman, 4)}
+
+
+def fidelity_cells(r: dict) -> str:
+    """Those columns of row ``r`` as the last cells of a markdown table row."""
+    return (f"{r['pydoc_mean_cos']:.4f} | {r['pydoc_spearman']:.4f} | {r['pydoc_nn_agree']:.3f} | "
+            f"{r['stdlib_mean_cos']:.4f} | {r['stdlib_spearman']:.4f} |")
+
+
 def run_size(size, steps, teacher=None, progress=True, **recipe) -> dict:
     """One default run on ``size`` training texts (None: the whole corpus; 0: the pydoc split alone)."""
     from lrkd_fast.recipes import SwapRecipe, run_swap_recipe
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
+        # every text once, so the sizes compare amounts of text, not the default's weighting of pydoc
         r = SwapRecipe(teacher=teacher, steps=steps, corpus_size=size or None, output=os.path.join(out, "s"),
-                       progress=progress, **recipe)
+                       progress=progress, pydoc_repeats=1, **recipe)
         if size == 0:  # the pydoc training split alone: its size is only known after the split
             from lrkd_fast.data import builtin_split
 
@@ -40,11 +55,8 @@ def run_size(size, steps, teacher=None, progress=True, **recipe) -> dict:
         res = run_swap_recipe(r)
         wall = time.time() - t0
     end = res.rows[-1]
-    f, o = end.fidelity, end.other
     return {"corpus_size": "all" if size is None else size, "train_texts": sum(res.train_counts.values()),
-            "steps": len(res.history["step"]), "wall_s": round(wall, 1), "pydoc_mean_cos": round(f.mean_cosine, 4),
-            "pydoc_spearman": round(f.spearman, 4), "pydoc_nn_agree": round(f.nn_agreement, 3),
-            "stdlib_mean_cos": round(o.mean_cosine, 4), "stdlib_spearman": round(o.spearman, 4)}
+            "steps": len(res.history["step"]), "wall_s": round(wall, 1), **fidelity_columns(end.fidelity, end.other)}
 
 
 def write(rows: list, out: str, command: str) -> None:
@@ -62,9 +74,7 @@ def write(rows: list, out: str, command: str) -> None:
              "| training texts | steps | wall s | pydoc mean cos | pydoc Spearman | pydoc NN agree | stdlib mean cos "
              "| stdlib Spearman |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['train_texts']:,} | {r['steps']} | {r['wall_s']:.0f} | {r['pydoc_mean_cos']:.4f} | "
-                     f"{r['pydoc_spearman']:.4f} | {r['pydoc_nn_agree']:.3f} | {r['stdlib_mean_cos']:.4f} | "
-                     f"{r['stdlib_spearman']:.4f} |")
+        lines.append(f"| {r['train_texts']:,} | {r['steps']} | {r['wall_s']:.0f} | {fidelity_cells(r)}")
     with open(os.path.join(out, "README.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

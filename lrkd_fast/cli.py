@@ -125,6 +125,9 @@ def _add_distill(sub):
     p.add_argument("--corpus-size", type=_number(int, 2, what="an int >= 2"), default=None,
                    help="built-in data: train on this many texts, the pydoc training split plus a fixed random "
                         "subset of the package docstrings (default: the whole built-in corpus)")
+    p.add_argument("--pydoc-repeats", type=_number(int, 1, what="an int >= 1"), default=None,
+                   help="built-in data: each pydoc training sentence this many times per epoch, to weight the "
+                        "text most like the held-out pydoc split (default: 4 for the swap method, 1 for lrc)")
     p.add_argument("--calib-texts", type=_pos_int, default=None,
                    help=f"texts for the init statistics: whitened (swap) or pca (lrc) "
                         f"(default: {S('calib_texts')} for swap, {L('calib_texts')} for lrc)")
@@ -201,14 +204,16 @@ def _common(args) -> dict:
                 keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
                 save_worse=args.save_worse, progress=not args.quiet,
                 **_given(args, heldout="heldout", steps="steps", lr="lr", batch_size="batch_size",
-                         calib_texts="calib_texts", output="output", seq_len="seq_len", corpus_size="corpus_size"))
+                         calib_texts="calib_texts", output="output", seq_len="seq_len", corpus_size="corpus_size",
+                         pydoc_repeats="pydoc_repeats"))
 
 
 def _print_result(result, what: str) -> None:
     if result.train_counts:
         counts = sorted(result.train_counts.items(), key=lambda kv: -kv[1])
+        times = f" (each {result.pydoc_repeats} times per epoch)" if result.pydoc_repeats > 1 else ""
         print(f"trained on the built-in corpus, {sum(result.train_counts.values()):,} texts: "
-              + ", ".join(f"{k} {v:,}" for k, v in counts))
+              + ", ".join(f"{k} {v:,}" + (times if k == "pydoc" else "") for k, v in counts))
     other = f"; {result.rows[0].other.n} {result.other_name} texts never trained on" if result.other_name else ""
     print(f"held-out fidelity to the teacher ({result.rows[0].fidelity.n} texts{other}; {what}; Spearman = rank "
           "correlation of teacher and student similarities over all pairs):")

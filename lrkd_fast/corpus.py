@@ -383,13 +383,19 @@ class BuiltinSplit:
 
 
 def builtin_split(heldout: int = 512, seed: int = 0, corpus_size: Optional[int] = None, other: int = 512,
-                  corpus: Optional[Corpus] = None, progress: bool = True) -> BuiltinSplit:
+                  corpus: Optional[Corpus] = None, progress: bool = True, pydoc_repeats: int = 1) -> BuiltinSplit:
     """Split the built-in corpus for a run: ``heldout`` pydoc sentences held out (the same split as
     ``split_texts(pydoc_sentences(), heldout, seed)``), every other training text that is a
     near-duplicate of one of them dropped, ``other`` standard-library sentences as the second held-out
     set. ``corpus_size``: train on the pydoc training split plus a fixed random subset of the package
-    texts, this many training texts in all (None: every text)."""
+    texts, this many distinct training texts in all (None: every text). ``pydoc_repeats``: each pydoc
+    training sentence is in ``train`` this many times (the copies after the other texts, so ``train``
+    starts with the distinct pydoc sentences and then the package texts whatever the repeats);
+    ``counts`` counts distinct texts."""
     from .data import split_texts
+
+    if isinstance(pydoc_repeats, bool) or not isinstance(pydoc_repeats, int) or pydoc_repeats < 1:
+        raise ValueError(f"pydoc_repeats must be an int >= 1, got {pydoc_repeats!r}")
 
     corpus = corpus if corpus is not None else builtin_corpus(progress=progress)
     train_pd, held = split_texts(pydoc_sentences(), heldout, seed=seed)
@@ -406,4 +412,5 @@ def builtin_split(heldout: int = 512, seed: int = 0, corpus_size: Optional[int] 
     counts = {"pydoc": len(train_pd)}
     for _, s in extra:
         counts[s] = counts.get(s, 0) + 1
-    return BuiltinSplit(train_pd + [t for t, _ in extra], held, stdlib_heldout(corpus, other, seed=seed), counts)
+    train = train_pd + [t for t, _ in extra] + train_pd * (pydoc_repeats - 1)
+    return BuiltinSplit(train, held, stdlib_heldout(corpus, other, seed=seed), counts)

@@ -158,6 +158,27 @@ def test_default_split_never_trains_on_its_held_out_sets():
     assert len(small.train) == 3000 and small.train[:n_pydoc] == split.train[:n_pydoc] and small.other == split.other
     with pytest.raises(ValueError, match="corpus_size must be"):
         builtin_split(512, corpus=corpus, corpus_size=10)
+    rep = builtin_split(512, seed=0, corpus=corpus, corpus_size=3000, pydoc_repeats=3)
+    assert rep.train == small.train + 2 * small.train[:n_pydoc] and rep.counts == small.counts
+    assert rep.held == small.held and rep.other == small.other
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="pydoc_repeats must be"):
+            builtin_split(512, corpus=corpus, pydoc_repeats=bad)
+
+
+def test_pydoc_repeats_is_the_recipes_and_the_commands(tmp_path, small_text_file):
+    from lrkd_fast.recipes import LRCRecipe, RecipeError, SwapRecipe
+
+    assert SwapRecipe().resolved_pydoc_repeats == 4 and LRCRecipe().resolved_pydoc_repeats == 1
+    assert SwapRecipe(pydoc_repeats=2).resolved_pydoc_repeats == 2
+    with pytest.raises(RecipeError, match="pydoc_repeats: is for the built-in corpus"):
+        SwapRecipe(data=small_text_file, pydoc_repeats=2)
+    with pytest.raises(RecipeError, match="pydoc_repeats: must be None or an int >= 1"):
+        SwapRecipe(pydoc_repeats=0)
+    from lrkd_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--pydoc-repeats", "0", "--output", str(tmp_path / "x")])
 
 
 def test_spearman_matches_scipy_with_and_without_ties():
@@ -196,3 +217,48 @@ def test_corpus_size_experiment_runs_on_a_tiny_teacher(tmp_path, tiny_teacher_di
     assert [int(r["train_texts"]) for r in rows] == [n_pydoc, 2500] and {r["steps"] for r in rows} == {"2"}
     assert all(-1 <= float(r["stdlib_spearman"]) <= 1 and 0 < float(r["pydoc_mean_cos"]) <= 1 for r in rows)
     assert "| 2,500 | 2 |" in (out / "README.md").read_text()
+
+
+def test_default_tuning_arms_and_texts():
+    from benchmarks.default_tuning import parse_arm, training_texts
+
+    defaults = {"lr": 3e-4, "steps": 800, "batch": 16, "text": "all"}
+    assert parse_arm("lr=1e-3,text=pydoc4", defaults) == {"lr": 1e-3, "steps": 800, "batch": 16, "text": "pydoc4",
+                                                         "name": "lr=1e-3,text=pydoc4"}
+    for bad in ("rate=1", "lr", "text=books", "steps=0"):
+        with pytest.raises(ValueError, match="arm"):
+            parse_arm(bad, defaults)
+    train = [f"p{i}" for i in range(3)] + [f"o{i}" for i in range(10)]
+    assert training_texts(train, 3, "all") == train and training_texts(train, 3, "pydoc") == train[:3]
+    assert training_texts(train, 3, "pydoc2") == train + train[:3]
+    some = training_texts(train, 3, "7")
+    assert some[:3] == train[:3] and len(some) == 7 and set(some[3:]) <= set(train[3:])
+
+
+@pytest.mark.usefixtures("eager_backend")
+def test_default_tuning_arm_is_the_default_run(tmp_path, tiny_teacher_dir):
+    """An arm with the default settings (the pydoc sentences 4 times) trains exactly as ``lrkd-fast distill``
+    does from the same start."""
+    import csv
+
+    from benchmarks import default_tuning
+    from lrkd_fast.recipes import SwapRecipe, run_swap_recipe
+
+    out = tmp_path / "dt"
+    default_tuning.main(["--arms", "steps=3", "steps=2,text=pydoc,lr=1e-3", "--eval-every", "2", "--teacher",
+                         tiny_teacher_dir, "--calib-texts", "16", "--out", str(out), "--quiet"])
+    rows = list(csv.DictReader(open(out / "default_tuning.csv")))
+    assert [(r["arm"], int(r["step"])) for r in rows] == [("steps=3", 0), ("steps=3", 2), ("steps=3", 3),
+                                                         ("steps=2,text=pydoc,lr=1e-3", 0),
+                                                         ("steps=2,text=pydoc,lr=1e-3", 2)]
+    assert rows[0]["pydoc_mean_cos"] == rows[3]["pydoc_mean_cos"]  # one start for every arm
+    counts = builtin_split().counts
+    assert int(rows[3]["train_texts"]) == counts["pydoc"]
+    assert int(rows[0]["train_texts"]) == sum(counts.values()) + 3 * counts["pydoc"] and rows[0]["text"] == "pydoc4"
+    res = run_swap_recipe(SwapRecipe(teacher=tiny_teacher_dir, steps=3, calib_texts=16, progress=False,
+                                     output=str(tmp_path / "ref")))
+    start, end = res.rows[1], res.rows[2]
+    assert float(rows[0]["pydoc_mean_cos"]) == pytest.approx(start.fidelity.mean_cosine, abs=1e-4)
+    assert float(rows[2]["pydoc_mean_cos"]) == pytest.approx(end.fidelity.mean_cosine, abs=1e-4)
+    assert float(rows[2]["stdlib_spearman"]) == pytest.approx(end.other.spearman, abs=1e-4)
+    assert "| steps=3 | " in (out / "README.md").read_text() and (out / "default_tuning.png").stat().st_size > 0

@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -77,10 +77,17 @@ class Recipe:
     checkpoint_minutes: float = 10.0
     overwrite: bool = False
     corpus_size: Optional[int] = None  # built-in data only: train on this many texts (None: all of the corpus)
+    # built-in data only: each pydoc training sentence this many times per epoch (None: the recipe's default)
+    pydoc_repeats: Optional[int] = None
     diagnostics_every: int = 0  # steps between per-layer CKA / MI logs (0: off); plot in output/diagnostics.png
     keep_checkpoints: bool = False
     save_worse: bool = False
     progress: bool = True
+    DEFAULT_PYDOC_REPEATS: ClassVar[int] = 1  # pydoc_repeats=None on the built-in corpus
+
+    @property
+    def resolved_pydoc_repeats(self) -> int:
+        return self.DEFAULT_PYDOC_REPEATS if self.pydoc_repeats is None else self.pydoc_repeats
 
     def __post_init__(self):
         _check(self.heldout is None or (_is_int(self.heldout) and self.heldout >= 2), "heldout",
@@ -99,6 +106,10 @@ class Recipe:
                f"must be None or an int >= 2, got {self.corpus_size!r}")
         _check(self.corpus_size is None or self.data is None, "corpus_size",
                "is for the built-in corpus; with data= every text of the file is used")
+        _check(self.pydoc_repeats is None or (_is_int(self.pydoc_repeats) and self.pydoc_repeats >= 1),
+               "pydoc_repeats", f"must be None or an int >= 1, got {self.pydoc_repeats!r}")
+        _check(self.pydoc_repeats is None or self.data is None, "pydoc_repeats",
+               "is for the built-in corpus; with data= every text of the file is used once per epoch")
         _check(_is_int(self.diagnostics_every) and self.diagnostics_every >= 0, "diagnostics_every",
                f"must be an int >= 0, got {self.diagnostics_every!r}")
         _check(_is_finite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0, "checkpoint_minutes",
@@ -295,6 +306,7 @@ class RecipeResult:
     total_seconds: float = 0.0
     other_name: str = ""  # the second held-out set's source ("" when there is none)
     train_counts: dict = field(default_factory=dict)  # built-in data: training texts per source
+    pydoc_repeats: int = 1  # built-in data: times each pydoc training sentence is in an epoch
 
     def table(self) -> str:
         """One line per stage: fidelity (mean / min cosine, pairwise-similarity Spearman, nearest-neighbour
@@ -388,13 +400,15 @@ def prepare(r: Recipe, token_store: bool = False) -> Prepared:
         train, held = split_texts(texts, heldout, seed=r.seed)
     else:  # pydoc's held-out split, the package docstrings to train on, the standard library held out too
         try:
-            split = builtin_split(heldout, seed=r.seed, corpus_size=r.corpus_size, progress=r.progress and rank == 0)
+            split = builtin_split(heldout, seed=r.seed, corpus_size=r.corpus_size, progress=r.progress and rank == 0,
+                                  pydoc_repeats=r.resolved_pydoc_repeats)
         except ValueError as exc:
             raise RecipeError("corpus_size", str(exc).removeprefix("corpus_size ")) from None
         train, held, other, counts = split.train, split.held, split.other, split.counts
     torch.manual_seed(r.seed)
     model, tok = load_teacher(r.teacher, device)
-    result = RecipeResult(output=r.output, rank=rank, other_name=OTHER_NAME if other else "", train_counts=counts)
+    result = RecipeResult(output=r.output, rank=rank, other_name=OTHER_NAME if other else "", train_counts=counts,
+                          pydoc_repeats=r.resolved_pydoc_repeats if other else 1)
     result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held), 1.0),
                            sum(p.numel() for p in model.parameters()), time.time() - t0,
                            EmbeddingFidelity(1.0, 1.0, 1.0, len(other), 1.0) if other else None))
