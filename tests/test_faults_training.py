@@ -297,4 +297,4 @@ def test_sigint_to_a_real_distill_run_then_resume_reaches_the_uninterrupted_loss
         assert main([*common, "--output", ref]) == 0
     resumed, full = _losses(out), _losses(ref)
     assert len(resumed) == len(full) == 16
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=1e-9)
