@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import datetime as _dt
 import os
 import random
@@ -71,19 +72,12 @@ def training_texts(train: list, n_pydoc: int, text: str, seed: int = 0) -> list:
 
 
 def calibrated_start(recipe):
-    """What the default run builds before training: (prepared run, teacher, student at its start)."""
-    from lrkd_fast.data import TextBatches
+    """What the default run builds before training: (prepared run, student at its start)."""
     from lrkd_fast.recipes.base import prepare
-    from lrkd_fast.recipes.swap import default_targets
-    from lrkd_fast.swap import LowRankConfig, swap_linear_layers
+    from lrkd_fast.recipes.swap import swapped_student
 
     pre = prepare(recipe)
-    cfg = LowRankConfig(rank=float(recipe.keep), allocation=recipe.resolved_allocation,
-                        target_modules=default_targets(pre.teacher), init=recipe.init)
-    student = copy.deepcopy(pre.teacher)
-    calib = list(TextBatches(pre.train[:recipe.calib_texts], pre.tok, 32, recipe.seq_len, shuffle=False))
-    swap_linear_layers(student, cfg, calibration=calib, progress=recipe.progress)
-    return pre, student
+    return pre, swapped_student(pre, recipe)[0]
 
 
 def measure(pre, student) -> dict:
@@ -97,17 +91,17 @@ def measure(pre, student) -> dict:
 def run_arm(pre, start, arm: dict, eval_every: int, recipe, progress: bool = True) -> list:
     """Train a copy of ``start`` as ``arm`` says; one row per measurement (step 0, every ``eval_every``, the end)."""
     from lrkd_fast.data import TextBatches
-    from lrkd_fast.distillation import DistillConfig, Distiller
+    from lrkd_fast.distillation import Distiller
+    from lrkd_fast.recipes.swap import swap_distill_config
 
     texts = training_texts(pre.train, pre.result.train_counts["pydoc"], arm["text"], seed=recipe.seed)
     student = copy.deepcopy(start)
     base = {k: arm[k] for k in ("name", "lr", "steps", "batch", "text")}
     base = {"arm": base.pop("name"), **base, "train_texts": len(texts)}
     rows = [{**base, "step": 0, "train_s": 0.0, **measure(pre, student)}]
-    d = Distiller(student, pre.teacher, DistillConfig(
-        steps=arm["steps"], lr=arm["lr"], seed=recipe.seed, train_norms=recipe.train_norms,
-        train_bias=recipe.train_bias, teacher_cache=recipe.teacher_cache, clone_modules=recipe.clone_modules,
-        progress=progress))
+    cfg = dataclasses.replace(swap_distill_config(recipe), steps=arm["steps"], lr=arm["lr"], checkpoint_dir=None,
+                              progress=progress)
+    d = Distiller(student, pre.teacher, cfg)
     clock = {"train": 0.0, "since": time.time()}
 
     def on_step(step, parts):  # step counts from 0: step + 1 steps are done

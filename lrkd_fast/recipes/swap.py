@@ -156,25 +156,40 @@ def _swap_as_checkpoint(student, cfg: LowRankConfig, ckpt: dict, r: SwapRecipe) 
     return SwapReport(reports, "resumed", cfg.allocation)
 
 
+def swapped_student(pre, r: SwapRecipe) -> tuple:
+    """The recipe's student at its start: (a copy of ``pre.teacher`` with its layers swapped and calibrated
+    on the first ``r.calib_texts`` training texts, or rebuilt from the resume checkpoint; its SwapReport;
+    how it started, for the table)."""
+    allocation = r.resolved_allocation
+    cfg = LowRankConfig(rank=r.rank if r.rank is not None else float(r.keep), allocation=allocation,
+                        target_modules=r.target_modules or default_targets(pre.teacher), init=r.init)
+    _check_ranks(pre.teacher, cfg, r)
+    student = copy.deepcopy(pre.teacher)
+    if pre.checkpoint is not None:  # the factors are in the checkpoint: no calibration
+        return student, _swap_as_checkpoint(student, cfg, pre.checkpoint, r), \
+            f"resumed at step {pre.checkpoint['step']}"
+    calib = list(TextBatches(pre.train[:r.calib_texts], pre.tok, 32, r.seq_len, shuffle=False, device=pre.device))
+    report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and pre.rank == 0)
+    return student, report, r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
+
+
+def swap_distill_config(r: SwapRecipe, rank: int = 0) -> DistillConfig:
+    """The :class:`DistillConfig` the recipe ``r`` trains with (on process ``rank``)."""
+    return DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, train_norms=r.train_norms,
+                         train_bias=r.train_bias, teacher_cache=r.teacher_cache, clone_modules=r.clone_modules,
+                         progress=r.progress and rank == 0,
+                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
+                         checkpoint_minutes=r.checkpoint_minutes, **diagnostics_settings(r))
+
+
 def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     if not isinstance(r, SwapRecipe):
         raise TypeError(f"r must be a SwapRecipe, got {type(r).__name__}")
     pre = prepare(r)
     rank, teacher, tok, result, held_batches = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
 
-    allocation = r.resolved_allocation
-    cfg = LowRankConfig(rank=r.rank if r.rank is not None else float(r.keep), allocation=allocation,
-                        target_modules=r.target_modules or default_targets(teacher), init=r.init)
-    _check_ranks(teacher, cfg, r)
-    student = copy.deepcopy(teacher)
     t0 = time.time()
-    if pre.checkpoint is not None:  # the factors are in the checkpoint: no calibration
-        report = _swap_as_checkpoint(student, cfg, pre.checkpoint, r)
-        how = f"resumed at step {pre.checkpoint['step']}"
-    else:
-        calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device))
-        report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and rank == 0)
-        how = r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
+    student, report, how = swapped_student(pre, r)
     result.swap_report = report
     s_params = sum(p.numel() for p in student.parameters())
     def fidelity(batches, t_emb):
@@ -183,11 +198,7 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     start = Row(f"low-rank start ({how})", params=s_params, seconds=time.time() - t0, **pre.measure(fidelity))
     result.rows.append(start)
 
-    dcfg = DistillConfig(steps=r.steps, max_minutes=r.minutes, lr=r.lr, seed=r.seed, train_norms=r.train_norms,
-                         train_bias=r.train_bias, teacher_cache=r.teacher_cache, clone_modules=r.clone_modules,
-                         progress=r.progress and rank == 0,
-                         checkpoint_dir=os.path.join(r.output, "checkpoints"), checkpoint_every=r.checkpoint_every,
-                         checkpoint_minutes=r.checkpoint_minutes, **diagnostics_settings(r))
+    dcfg = swap_distill_config(r, rank)
     data = pre.train_batches()
     t1 = time.time()
     d = Distiller(student, teacher, dcfg)
