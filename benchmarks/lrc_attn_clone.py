@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 FORMS = ("student", "teacher")
-MINILM_FIELDS = ["form", "steps", "start_mean_cos", "mean_cos", "min_cos", "nn_agree", "other_mean_cos",
+MINILM_FIELDS = ["form", "seed", "steps", "start_mean_cos", "mean_cos", "min_cos", "nn_agree", "other_mean_cos",
                  "other_nn_agree", "train_embed_last10",
                  "train_clone_last10", "train_clone_o_last10", "train_s", "total_s"]
 CAUSAL_FIELDS = ["form", "init", "seed", "steps", "heldout_ce", "teacher_heldout_ce", "heldout_kl", "mean_cos",
@@ -58,16 +58,18 @@ def _last(history: dict, key: str, k: int = 10) -> float:
 
 # ----------------------------------------------------------------------------- MiniLM (the default run)
 
-def run_minilm(forms=FORMS, out_dir: str = "runs/lrc_attn_clone", progress: bool = False, **recipe) -> list[dict]:
+def run_minilm(forms=FORMS, seeds=(0,), out_dir: str = "runs/lrc_attn_clone", progress: bool = False,
+               **recipe) -> list[dict]:
+    """One default run per form and seed (the recipe's ``seed``: its held-out split, batch order and init draw)."""
     from lrkd_fast.recipes import LRCRecipe, run_lrc_recipe
 
     rows = []
-    for form in forms:
+    for seed, form in [(s, f) for s in seeds for f in forms]:
         t0 = time.time()
-        r = run_lrc_recipe(LRCRecipe(attn_clone=form, output=os.path.join(out_dir, f"minilm-{form}"),
-                                     progress=progress, **recipe))
+        r = run_lrc_recipe(LRCRecipe(attn_clone=form, seed=seed, output=os.path.join(out_dir, f"minilm-{form}-{seed}"),
+                                     overwrite=True, progress=progress, **recipe))
         start, end, other = r.rows[1].fidelity, r.rows[2].fidelity, getattr(r.rows[2], "other", None)
-        rows.append(dict(form=form, steps=len(r.history["step"]), start_mean_cos=start.mean_cosine,
+        rows.append(dict(form=form, seed=seed, steps=len(r.history["step"]), start_mean_cos=start.mean_cosine,
                          mean_cos=end.mean_cosine, min_cos=end.min_cosine, nn_agree=end.nn_agreement,
                          other_mean_cos=other.mean_cosine if other else float("nan"),
                          other_nn_agree=other.nn_agreement if other else float("nan"),
@@ -220,6 +222,17 @@ def run_causal(cfg: CausalConfig, progress: bool = False, log=print) -> list[dic
     return rows
 
 
+def merge_rows(rows: list[dict], path: str, keys=("form", "seed")) -> list[dict]:
+    """``rows`` after the rows of the CSV at ``path`` (if any) that they do not replace (same ``keys``);
+    a row written before the CSV had a ``seed`` column was seed 0."""
+    if not os.path.exists(path):
+        return rows
+    with open(path, newline="") as f:
+        old = [dict(r, seed=r.get("seed") or "0") for r in csv.DictReader(f)]
+    new = {tuple(str(r[k]) for k in keys) for r in rows}
+    return [r for r in old if tuple(str(r[k]) for k in keys) not in new] + rows
+
+
 def write_csv(rows: list[dict], fields: list, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -234,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", action="store_true", help="the default MiniLM run, once per form")
     ap.add_argument("--causal", action="store_true", help="the tiny Llama, per form, init and seed")
     ap.add_argument("--out", default="runs/lrc_attn_clone")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="--minilm: the recipe seeds to run (default 0); "
+                    "rows of other seeds already in OUT/minilm.csv are kept")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = ap.parse_args(argv)
     if not (a.minilm or a.causal):
@@ -248,8 +263,9 @@ def main(argv=None) -> int:
         print(f"causal: {time.time() - t0:.0f} s")
     if a.minilm:
         t0 = time.time()
-        write_csv(run_minilm(out_dir=os.path.join("runs", "lrc_attn_clone")), MINILM_FIELDS,
-                  os.path.join(a.out, "minilm.csv"))
+        path = os.path.join(a.out, "minilm.csv")
+        rows = run_minilm(seeds=tuple(a.seeds), out_dir=os.path.join("runs", "lrc_attn_clone"))
+        write_csv(merge_rows(rows, path), MINILM_FIELDS, path)
         print(f"minilm: {time.time() - t0:.0f} s")
     return 0
 

@@ -187,8 +187,9 @@ def _add_distill(sub):
     lrc.add_argument("--gradient-checkpointing", action="store_true", help="recompute student blocks in backward")
     lrc.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the teacher, the projections, gradients and optimizer state across "
-                          "the processes with FSDP2 while training; checkpoints hold one shard per process and resume "
-                          "on any process count (the teacher is loaded, the student measured and exported, whole)")
+                          "the processes with FSDP2; only rank 0 reads the teacher (into CPU memory), each device holds "
+                          "1/N of it, and the pca init, measurements and export run on the shards; checkpoints hold "
+                          "one shard per process and resume on any process count")
     p.set_defaults(func=_run_distill)
 
 

@@ -30,6 +30,7 @@ evaluation and export). Parameter names in checkpoints are the unsharded model's
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 __all__ = ["ShardedTraining", "Unit", "distiller_plan", "is_sharded_checkpoint", "load_sharded_checkpoint",
-           "lrc_plan", "remove_checkpoint", "shard_training"]
+           "lrc_plan", "parameters_on_meta", "remove_checkpoint", "shard_training"]
 
 SHARD_SUFFIX = ".shards-"  # a sharded checkpoint X.pt keeps its DCP shards in the folder X.pt.shards-<step>-<id>
 
@@ -176,6 +177,12 @@ def _mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
+def _device_of(mesh) -> torch.device:
+    """This process's device in ``mesh`` (its GPU under CUDA)."""
+    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
+        torch.device(mesh.device_type)
+
+
 def _fully_shard(module: nn.Module, mesh, **kw):
     from torch.distributed.fsdp import fully_shard
 
@@ -192,9 +199,9 @@ class ShardedTraining:
         self.loop, self.plan, self._named = loop, plan, named
         self._fsdp_modules, self._restore = fsdp_modules, restore
         self.forward_modules: dict = {}
+        self._lrc = None  # a Low-Rank Clone's (root unit, block units)
         # where small collectives run: NCCL takes only tensors on the process's GPU
-        self._device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
-            torch.device(mesh.device_type)
+        self._device = _device_of(mesh)
 
     def named_parameters(self) -> dict:
         """{name in the unsharded model: sharded parameter (a DTensor)}, the loop's trainable parameters."""
@@ -237,6 +244,115 @@ class ShardedTraining:
         dist.barrier()
         loop._good_checkpoint = path
 
+    # -------------------------------------------------- a sharded Low-Rank Clone's teacher, without gathering it
+    def _lrc_units(self) -> tuple:
+        if self._lrc is None:
+            raise TypeError("only a sharded LRCTrainer runs its teacher and forms its student unit by unit")
+        return self._lrc
+
+    @contextlib.contextmanager
+    def teacher_forward(self):
+        """Inside, the sharded teacher's own forward works (``clone.teacher(**batch)``, e.g. its embeddings
+        for a fidelity table or the pca init's calibration), on every process together and with the same
+        batches: each block's weights are gathered just before it runs and freed after, the weights
+        outside the blocks for the whole context. No process holds more of the teacher than that."""
+        root, blocks = self._lrc_units()
+        hooks = []
+        for blk in blocks:
+            hooks.append(blk.teacher_layer.register_forward_pre_hook(lambda m, a, b=blk: b.unshard()))
+            hooks.append(blk.teacher_layer.register_forward_hook(lambda m, a, o, b=blk: b.reshard()))
+        root.unshard()
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            root.reshard()
+
+    @torch.no_grad()
+    def student_state_dict(self) -> dict:
+        """The Low-Rank Clone's student weights (:meth:`LowRankClone.student_state_dict`), formed unit by
+        unit: one block of the teacher gathered at a time. Every process takes part and gets them all
+        (the student is the small model)."""
+        root, blocks = self._lrc_units()
+        clone = self.loop.model
+        state = {}
+        for part, unit in [("top", root)] + list(enumerate(blocks)):
+            unit.unshard()
+            try:
+                state.update({n: w.detach().clone() for n, w in clone.student_state_dict(part).items()})
+            finally:
+                unit.reshard()
+        return state
+
+    def export_student(self) -> nn.Module:
+        """The student as a plain Hugging Face model (:meth:`LowRankClone.export_student`), on every process,
+        formed without gathering the teacher (:meth:`student_state_dict`)."""
+        return self.loop.model.export_student(self.student_state_dict())
+
+    @torch.no_grad()
+    def set_values(self, values: dict) -> None:
+        """Copy whole tensors into the trainable shards: ``values`` maps names of
+        :meth:`named_parameters` to tensors of the parameters' shapes, the same on every process."""
+        from torch.distributed.tensor import distribute_tensor
+
+        named = self._named
+        bad = [n for n in values if n not in named or tuple(values[n].shape) != tuple(named[n].shape)]
+        if bad:
+            raise ValueError(f"values has entries that are not trainable parameters of this shape: {bad[:3]}")
+        for n, v in values.items():
+            p = named[n]
+            p.copy_(distribute_tensor(v.detach().to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None))
+
+    @torch.no_grad()
+    def load_parameters(self, checkpoint: dict) -> None:
+        """The trainable parameters of a resume checkpoint (:func:`~lrkd_fast.training.read_checkpoint`)
+        into the shards: each process reads its parts of a sharded run's DCP shards, or its slices of a
+        plain checkpoint's tensors. ValueError names a parameter that does not fit."""
+        from .training import CheckpointError
+
+        if is_sharded_checkpoint(checkpoint):
+            saved = checkpoint["sharded"]["params"]
+            bad = [n for n in self._named if n not in saved or list(saved[n]) != list(self._named[n].shape)]
+            if bad or len(saved) != len(self._named):
+                raise ValueError(f"checkpoint {checkpoint.get('path')!r} does not fit this student: parameter "
+                                 f"{(bad or sorted(set(saved) - set(self._named)))[:1]} differs (written with other "
+                                 f"settings?)")
+            try:
+                _dcp_load({"params": {n: p.detach() for n, p in self._named.items()}}, _shard_dir(checkpoint))
+            except CheckpointError as exc:
+                raise ValueError(str(exc)) from None
+            return
+        params = checkpoint["params"]
+        missing = [n for n in self._named if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint.get('path')!r} does not fit this student: it lacks {missing[:3]}")
+        self.set_values(params)
+
+    @torch.no_grad()
+    def pca_init(self, calibration: list) -> None:
+        """The Low-Rank Clone's ``init="pca"`` for a clone sharded before it was calibrated: the principal
+        directions from the sharded teacher's forward on ``calibration`` (the same batches on every process;
+        rank 0's result is broadcast), then every projection and norm (:meth:`LowRankClone.pca_values`; a
+        teacher norm is gathered alone, it is a vector)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        if not calibration:
+            raise ValueError("calibration must be a non-empty list of tokenized batch dicts for init='pca'")
+        clone = self.loop.model
+        with self.teacher_forward():
+            U, frac = clone._principal(calibration)
+        U = U.contiguous()
+        box = [frac]
+        dist.broadcast(U, src=0)
+        dist.broadcast_object_list(box, src=0)
+        norms = {r[1] for r in clone.plan.values() if r[0] == "norm"}
+        tparams = {n: (p.full_tensor() if isinstance(p, DTensor) else p)
+                   for n, p in clone.teacher.named_parameters(remove_duplicate=False) if n in norms}
+        self.set_values({f"{kind}.{key}": v for (kind, key), v in clone.pca_values(U, box[0], tparams).items()})
+
     def unshard(self) -> None:
         """Gather every weight back into the original modules (a collective: every process calls it) and
         detach the loop from the sharding: afterwards the teacher, the student and the loop are unsharded
@@ -267,13 +383,41 @@ def _gather_modules(modules) -> None:
                 m._parameters[name] = done[id(p)]
 
 
-def shard_training(loop, mesh=None) -> ShardedTraining:
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside have their parameters on the meta device (no memory, no values) and their
+    buffers as usual (rotary frequencies, position ids: computed, not loaded). For the processes other
+    than rank 0 of ``shard_training(..., from_rank0=True)``: they build the teacher's skeleton and get
+    their shards of rank 0's weights. (Each parameter is still created, and initialized, on the CPU
+    before it moves: one at a time.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def shard_training(loop, mesh=None, from_rank0: bool = False) -> ShardedTraining:
     """Shard ``loop`` (an :class:`~lrkd_fast.clone.LRCTrainer` or a
     :class:`~lrkd_fast.distillation.Distiller`, not trained yet) with FSDP2 by its plan, across the
-    processes of the running ``torch.distributed`` group (or ``mesh``, a 1-D DeviceMesh). Rank 0's
-    trainable values are broadcast first (as the unsharded path does), so an init calibrated on each
-    process's own data still starts every process from one model. Sets ``loop.sharding`` and
-    ``loop.params``; returns the :class:`ShardedTraining`."""
+    processes of the running ``torch.distributed`` group (or ``mesh``, a 1-D DeviceMesh; its device is
+    where the shards go). Rank 0's trainable values are broadcast first (as the unsharded path does), so
+    an init calibrated on each process's own data still starts every process from one model. Sets
+    ``loop.sharding`` and ``loop.params``; returns the :class:`ShardedTraining`.
+
+    from_rank0 (LRCTrainer): only rank 0 holds the teacher's weights (on the CPU, say); every other
+    process built the teacher with its parameters on the meta device (:func:`parameters_on_meta`) and
+    the clone from it. Each process's shards are then filled from rank 0's weights, one tensor at a
+    time, so no process ever holds the whole teacher on its device. Then use
+    :meth:`ShardedTraining.teacher_forward`, :meth:`~ShardedTraining.pca_init` and
+    :meth:`~ShardedTraining.export_student` rather than :meth:`~ShardedTraining.unshard`."""
     from .clone import LRCTrainer
     from .distillation import Distiller
     from .training import TrainingLoop, broadcast_parameters
@@ -285,13 +429,17 @@ def shard_training(loop, mesh=None) -> ShardedTraining:
     if loop.cfg.diagnostics_every:
         raise ValueError("diagnostics_every must be 0 for a sharded run: the diagnostics run the models on rank 0 "
                          "alone, and sharded models run on every process together")
-    if mesh is None:
-        mesh = _mesh(next(iter(loop.params)).device)
+    if mesh is None:  # where the parameters are (from rank 0: on the GPU if there is one, the others are on meta)
+        mesh = _mesh(torch.device("cuda" if torch.cuda.is_available() else "cpu") if from_rank0
+                     else next(iter(loop.params)).device)
     elif getattr(mesh, "ndim", None) != 1:
         raise ValueError(f"mesh must be a 1-D torch.distributed DeviceMesh (the processes to shard across), got {mesh!r}")
-    broadcast_parameters(loop.params)
+    if from_rank0 and not isinstance(loop, LRCTrainer):
+        raise TypeError(f"from_rank0 is for an LRCTrainer, got {type(loop).__name__}")
+    if not from_rank0:
+        broadcast_parameters(loop.params)
     if isinstance(loop, LRCTrainer):
-        sharding = _shard_lrc(loop, mesh)
+        sharding = _shard_lrc(loop, mesh, from_rank0)
     elif isinstance(loop, Distiller):
         sharding = _shard_distiller(loop, mesh)
     else:
@@ -301,7 +449,29 @@ def shard_training(loop, mesh=None) -> ShardedTraining:
     return sharding
 
 
-def _shard_lrc(trainer, mesh) -> ShardedTraining:
+def _fill_from_rank0(root: nn.Module, full: Optional[dict], device: torch.device) -> None:
+    """The shards of every parameter of the sharded ``root`` from rank 0's whole tensors ``full`` (by
+    name in ``root``; None on the other processes, whose shards are on the meta device until now), one
+    tensor at a time; the buffers each process built stay its own."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    rank = dist.get_rank()
+    if rank != 0:
+        bufs = [(m, n, b) for m in root.modules() for n, b in m._buffers.items() if b is not None]
+        root.to_empty(device=device)
+        for m, n, b in bufs:  # the same objects: the clone's student borrows the teacher's buffers
+            b.data = b.data.to(device)
+            m._buffers[n] = b
+    with torch.no_grad():
+        for n, p in root.named_parameters():
+            whole = full[n].to(device) if rank == 0 else torch.empty(p.shape, dtype=p.dtype, device=device)
+            dist.broadcast(whole, src=0)
+            p.copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None))
+            del whole
+
+
+def _shard_lrc(trainer, mesh, from_rank0: bool = False) -> ShardedTraining:
     clone = trainer.model
     plan = lrc_plan(clone)
     holders = []
@@ -313,9 +483,15 @@ def _shard_lrc(trainer, mesh) -> ShardedTraining:
     top = [teacher_mods[m.split(":", 1)[1]] for m in plan[0].modules]
     blocks = [_LRCBlock(clone, i, clone.t_layers[i], holders[i + 1]) for i in range(clone.n_layers)]
     root = _LRCRoot(clone, blocks, top, holders[0])
+    import torch.distributed as dist
+
+    full = {n: p.detach() for n, p in root.named_parameters()} if from_rank0 and dist.get_rank() == 0 else None
     for b in blocks:
         _fully_shard(b, mesh)
     _fully_shard(root, mesh)
+    if from_rank0:
+        _fill_from_rank0(root, full, _device_of(mesh))
+        del full
     # from here on the clone reads its projections and norms from the units (LowRankClone._param)
     named = {}
     for holder in holders:
@@ -340,6 +516,7 @@ def _shard_lrc(trainer, mesh) -> ShardedTraining:
 
     s = ShardedTraining(trainer, plan, named, [root] + blocks, restore, mesh)
     s.forward_modules["clone"] = root
+    s._lrc = (root, blocks)
     return s
 
 

@@ -456,13 +456,26 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state(self) -> dict:
-        """A copy of the trainable parameters, by name in ``self.model``."""
+        """A copy of the trainable parameters, by name in ``self.model`` (a sharded loop: of this
+        process's shards, by the unsharded names)."""
+        if self.sharding is not None:
+            return {n: p.detach().clone() for n, p in self.sharding.named_parameters().items()}
         ids = {id(p) for p in self.params}
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if id(p) in ids}
 
     def load_trainable_state(self, state: dict) -> None:
         """Copy ``state`` (from :meth:`trainable_state` or a checkpoint) into the parameters
-        (:func:`load_parameters`: every entry must name a parameter of the model, with its shape)."""
+        (:func:`load_parameters`: every entry must name a parameter of the model, with its shape; a
+        sharded loop takes the shards :meth:`trainable_state` gave)."""
+        if self.sharding is not None:
+            named = self.sharding.named_parameters()
+            if state.keys() != named.keys():
+                raise ValueError(f"state must hold this sharded loop's trainable parameters {list(named)[:3]}..., "
+                                 f"got {list(state)[:3]}...")
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(state[n])
+            return
         load_parameters(self.model, state)
 
     def save_checkpoint(self, path: str, step: int, opt, sched, history: dict) -> None:

@@ -11,11 +11,18 @@ resumed from that checkpoint for a second step on the same half, and written the
 compares both with single-process runs on the whole batch, and resumes the checkpoint in one process.
 Then plain DDP runs (no sharding) of both methods under a time cap that only rank 0 reaches write
 how many steps each process ran (OUT_DIR/ddp_time_cap.pt).
-Last, in the same process group, ``lrkd-fast distill --method lrc --fsdp`` runs 2 steps on the tiny BERT
-TEACHER_DIR and TEXT_FILE into OUT_DIR/cli (CLI_ARGS).
+A Low-Rank Clone sharded from rank 0's teacher (the other process built it on the meta device) writes
+its pca start, teacher embeddings and first step to OUT_DIR/from_rank0.pt.
+Last, in the same process group, ``lrkd-fast distill --method lrc --fsdp --init pca`` runs 2 steps on the
+tiny BERT TEACHER_DIR and TEXT_FILE into OUT_DIR/cli (CLI_ARGS): its teacher is read by rank 0 alone.
+A copy of it is resumed by the 2 processes for a third step (OUT_DIR/cli-resumed, its table in
+OUT_DIR/cli-resumed.txt).
 """
+import contextlib
 import copy
+import io
 import os
+import shutil
 import sys
 
 import torch
@@ -30,11 +37,47 @@ VOCAB, ROWS, SEQ = 97, 4, 8
 STEP = dict(lr=5e-3, warmup=0.0, schedule="constant", max_grad_norm=0.05, progress=False)
 
 
+def teacher_config():
+    return tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+
+
 def teacher():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return tf.LlamaForCausalLM(cfg).double().eval()
+    return tf.LlamaForCausalLM(teacher_config()).double().eval()
+
+
+def calibration():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (2, ROWS, SEQ), generator=g)
+    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
+
+
+def from_rank0_run(mine, rank: int) -> dict:
+    """A Low-Rank Clone sharded from rank 0's teacher (shard_training(..., from_rank0=True)): every other
+    process builds the teacher with its parameters on the meta device. The pca init, the teacher's
+    embeddings and the student's weights go through the sharded teacher; then one step on this process's
+    half of the batch."""
+    from lrkd_fast.evaluate import sentence_embeddings
+    from lrkd_fast.sharding import parameters_on_meta, shard_training
+
+    if rank == 0:
+        t = teacher()
+    else:
+        with parameters_on_meta():
+            t = tf.LlamaForCausalLM(teacher_config()).double().eval()
+    on_meta = all(p.is_meta for p in t.parameters())
+    clone = LowRankClone.from_teacher(t, 16, init="random")
+    loop = LRCTrainer(clone, TrainConfig(steps=1, **STEP))
+    sharding = shard_training(loop, from_rank0=True)
+    sharding.pca_init(calibration())
+    with sharding.teacher_forward():
+        emb = sentence_embeddings(t, [batch()])
+    start = sharding.student_state_dict()
+    teacher_rows = {n: tuple(p.to_local().shape) for n, p in t.named_parameters()}
+    loop.train([mine])
+    return {"meta_before": on_meta, "embeddings": emb, "start": start, "step1": sharding.student_state_dict(),
+            "exported": dict(sharding.export_student().state_dict()), "teacher_rows": teacher_rows}
 
 
 def batch():
@@ -140,6 +183,11 @@ def main(out_dir, teacher_dir, text_file):
                             **grads},
                            os.path.join(out_dir, f"{method}.pt"))
             dist.barrier()
+        got = from_rank0_run(mine, rank)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {k: got[k] for k in ("meta_before", "teacher_rows")})
+        if rank == 0:
+            torch.save(dict(got, ranks=gathered), os.path.join(out_dir, "from_rank0.pt"))
     # plain DDP under a time cap that only rank 0 reaches: every process must stop at rank 0's step
     stops = {}
     for method in ("lrc", "swap"):
@@ -152,8 +200,20 @@ def main(out_dir, teacher_dir, text_file):
         torch.save(gathered, os.path.join(out_dir, "ddp_time_cap.pt"))
     from lrkd_fast.cli import main as cli
 
-    assert cli(CLI_ARGS + ["--fsdp", "--teacher", teacher_dir, "--data", text_file, "--steps", "2",
+    assert cli(CLI_ARGS + ["--fsdp", "--init", "pca", "--teacher", teacher_dir, "--data", text_file, "--steps", "2",
                            "--keep-checkpoints", "--output", os.path.join(out_dir, "cli")]) == 0
+    # the same run resumed by 2 processes from its sharded checkpoint (a copy: the test resumes the original in 1)
+    again = os.path.join(out_dir, "cli-resumed")
+    if rank == 0:
+        shutil.copytree(os.path.join(out_dir, "cli"), again)
+    dist.barrier()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli(CLI_ARGS + ["--fsdp", "--init", "pca", "--teacher", teacher_dir, "--data", text_file, "--steps", "3",
+                               "--output", again, "--resume", os.path.join(again, "checkpoints", "last.pt")]) == 0
+    if rank == 0:
+        with open(os.path.join(out_dir, "cli-resumed.txt"), "w") as f:
+            f.write(printed.getvalue())
     dist.destroy_process_group()
 
 

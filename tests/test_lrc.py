@@ -484,3 +484,15 @@ def test_attn_clone_benchmark_tiny_causal_run(tmp_path):
     path = tmp_path / "causal.csv"
     bench.write_csv(rows, bench.CAUSAL_FIELDS, str(path))
     assert path.read_text().splitlines()[0] == ",".join(bench.CAUSAL_FIELDS)
+
+
+def test_attn_clone_benchmark_merges_new_seeds_into_its_csv(tmp_path):
+    from benchmarks import lrc_attn_clone as bench
+
+    path = tmp_path / "minilm.csv"
+    path.write_text("form,steps,mean_cos\nstudent,100,0.87\nteacher,100,0.875\n")  # written before the seed column
+    rows = bench.merge_rows([dict(form="teacher", seed=1, steps=100, mean_cos=0.871),
+                             dict(form="teacher", seed=0, steps=100, mean_cos=0.9)], str(path))
+    assert [(r["form"], str(r["seed"]), str(r["mean_cos"])) for r in rows] == \
+        [("student", "0", "0.87"), ("teacher", "1", "0.871"), ("teacher", "0", "0.9")]
+    assert bench.merge_rows(rows, str(tmp_path / "none.csv")) is rows

@@ -13,7 +13,7 @@ import torch
 from lrkd_fast import set_backend
 from lrkd_fast.sharding import distiller_plan, is_sharded_checkpoint, load_sharded_parameters, lrc_plan, shard_training
 from lrkd_fast.training import CheckpointError, read_checkpoint
-from tests.sharding_worker import CLI_ARGS, LOOPS, batch, gradients, trained_state
+from tests.sharding_worker import CLI_ARGS, LOOPS, STEP, batch, calibration, gradients, teacher, trained_state
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 
@@ -64,6 +64,27 @@ def test_distiller_plan_shards_both_models_block_by_block():
     trained = [n for n, p in loop.student.named_parameters() if id(p) in ids]
     assert sorted(n for u in plan for n in u.params) == sorted(trained)
     assert all(n.startswith("model.layers.1.") for n in plan[5].params) and len(plan[5].params) == 14
+
+
+def test_skeleton_teacher_has_meta_parameters_and_the_real_buffers(tiny_teacher_dir):
+    from torch import nn
+
+    from lrkd_fast.recipes import load_teacher
+    from lrkd_fast.sharding import parameters_on_meta
+
+    real, _ = load_teacher(tiny_teacher_dir, "cpu")
+    skeleton, tok = load_teacher(tiny_teacher_dir, "cpu", skeleton_dtype=torch.float64)
+    assert tok is not None
+    assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in real.named_parameters()]
+    assert all(p.is_meta and p.dtype == torch.float64 for p in skeleton.parameters())
+    bufs = dict(real.named_buffers())
+    assert bufs and {n: b for n, b in skeleton.named_buffers()}.keys() == bufs.keys()
+    for n, b in skeleton.named_buffers():
+        assert not b.is_meta and torch.equal(b, bufs[n]), n
+    register = nn.Module.register_parameter
+    with pytest.raises(RuntimeError, match="boom"), parameters_on_meta():
+        raise RuntimeError("boom")
+    assert nn.Module.register_parameter is register and not nn.Linear(2, 2).weight.is_meta
 
 
 def test_shard_training_needs_torch_distributed():
@@ -126,6 +147,33 @@ def test_sharded_checkpoint_that_does_not_fit_is_refused(sharded_runs, tmp_path)
         load_sharded_parameters(LOOPS["lrc"](1).model, moved)
 
 
+def test_clone_sharded_from_rank0_equals_the_unsharded_clone(sharded_runs):
+    """Rank 1 never held the teacher's weights (it built it on the meta device) and holds half of every
+    teacher weight's rows after sharding; the pca init, the teacher's embeddings and the student computed
+    through the sharded teacher, and a step on the halves, equal one process's with the whole teacher."""
+    from lrkd_fast.clone import LowRankClone, LRCTrainer
+    from lrkd_fast.evaluate import sentence_embeddings
+    from lrkd_fast.training import TrainConfig
+
+    got = torch.load(os.path.join(sharded_runs, "from_rank0.pt"))
+    assert [r["meta_before"] for r in got["ranks"]] == [False, True]
+    with set_backend("eager"):
+        t = teacher()
+        clone = LowRankClone.from_teacher(t, 16, init="pca", calibration=calibration())
+        emb = sentence_embeddings(t, [batch()])
+        start = {n: w.clone() for n, w in clone.student_state_dict().items()}
+        LRCTrainer(clone, TrainConfig(steps=1, **STEP)).train([batch()])
+        step1 = clone.student_state_dict()
+    for n, p in t.named_parameters():
+        rows = [r["teacher_rows"][n][0] for r in got["ranks"]]
+        assert sum(rows) == p.shape[0] and max(rows) < p.shape[0], (n, rows)
+    torch.testing.assert_close(got["embeddings"], emb, rtol=1e-12, atol=1e-14)
+    _close(got["start"], start, "pca start through the sharded teacher")
+    _close(got["step1"], step1, "student after one step")
+    exported = got["exported"]
+    _close({n: exported[n] for n in step1}, dict(step1), "exported student")
+
+
 def test_cli_fsdp_run_resumes_in_one_process(sharded_runs, tiny_teacher_dir, small_text_file, capsys):
     from lrkd_fast.cli import main
 
@@ -138,6 +186,14 @@ def test_cli_fsdp_run_resumes_in_one_process(sharded_runs, tiny_teacher_dir, sma
                                 "--output", out, "--resume", os.path.join(out, "checkpoints", "last.pt")]) == 0
     printed = capsys.readouterr().out
     assert "LRC start (resumed at step 2)" in printed and "LRC trained (3 steps)" in printed, printed
+    # resumed by 2 processes, the checkpoint's shards read into new shards: the same start
+    with open(os.path.join(sharded_runs, "cli-resumed.txt")) as f:
+        sharded = f.read()
+    def start(text):  # the start row without its stage time
+        return [ln.rsplit(maxsplit=1)[0] for ln in text.splitlines() if ln.startswith("LRC start")]
+
+    assert start(printed) and start(printed) == start(sharded), sharded
+    assert "LRC trained (3 steps)" in sharded
     assert not os.path.exists(os.path.join(out, "checkpoints"))  # the checkpoint went with its shard folder
     # one process has nothing to shard across; the swap recipe does not shard
     assert main(CLI_ARGS + ["--fsdp", "--teacher", tiny_teacher_dir, "--steps", "1", "--output", out + "-1"]) == 2

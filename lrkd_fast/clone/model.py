@@ -228,6 +228,7 @@ class LowRankClone(nn.Module):
         self.n_layers = len(self.t_layers)
         self.proj = nn.ParameterDict()
         self.norms = nn.ParameterDict()
+        self._owners: dict = {}  # (kind, key) -> the FSDP unit holding that parameter (lrkd_fast.sharding)
         tparams = dict(teacher.named_parameters(remove_duplicate=False))
         dev, dt = next(teacher.parameters()).device, next(teacher.parameters()).dtype
         self.plan: dict[str, tuple] = {}
@@ -254,7 +255,6 @@ class LowRankClone(nn.Module):
         self._factorized_out: dict = {}  # the same for the attention output run in the teacher width
         self._acts_wide: dict = {}  # attn_clone="teacher": o_S' (teacher width) of the current block
         self._hooks = []
-        self._owners: dict = {}  # (kind, key) -> the FSDP unit holding that parameter (lrkd_fast.sharding)
         self._run_block = None  # how forward runs a block: None = block_step (lrkd_fast.sharding: its FSDP unit)
         self._block_context = None
         for i in range(self.n_layers):
@@ -361,12 +361,24 @@ class LowRankClone(nn.Module):
         if not calibration:
             raise ValueError("init='pca' needs calibration batches (a non-empty list of tokenized batch dicts)")
         U, frac = self._principal(calibration)
-        for p in self.proj.values():
-            p.copy_(U.to(p.dtype))
+        for (kind, key), value in self.pca_values(U, frac, tparams).items():
+            target = getattr(self, kind)[key]
+            target.copy_(value.to(target.dtype))
+
+    def pca_values(self, U: torch.Tensor, frac: float, tparams: dict) -> dict:
+        """{(kind, key): value} of the pca init (:mod:`.pca`) from the principal directions ``U`` carrying
+        the fraction ``frac`` of the energy: U for every projection ("proj"), every norm ("norms") seen
+        through U. ``tparams``: the teacher's parameters by name (whole tensors)."""
+        out = {("proj", key): U for key in self._proj_keys()}
         for rule in self.plan.values():
             if rule[0] == "norm":
-                target = self.norms[rule[2]]
-                target.copy_(norm_through(tparams[rule[1]], U, frac, rule[1].endswith(".bias")).to(target.dtype))
+                out[("norms", rule[2])] = norm_through(tparams[rule[1]], U, frac, rule[1].endswith(".bias"))
+        return out
+
+    def _proj_keys(self) -> list:
+        """Every projection's key, in the plan's order (the same before and after sharding)."""
+        keys = ["emb"] + [r[2] for r in self.plan.values() if r[0] in ("in", "out", "out_bias", "both", "emb")]
+        return list(dict.fromkeys(keys))
 
     @torch.no_grad()
     def principal_directions(self, batches) -> torch.Tensor:
@@ -376,7 +388,7 @@ class LowRankClone(nn.Module):
 
     def _principal(self, batches) -> tuple:
         """(principal_directions, fraction of the second moment's trace those directions carry)."""
-        p = self.proj["emb"]
+        p = self._param("proj", "emb")
         return principal_subspace(self.tbase, batches, self.d_S, p.device, p.dtype)
 
     # ------------------------------------------------------------------ weights
@@ -432,10 +444,14 @@ class LowRankClone(nn.Module):
         factor = 2 * tokens * self.d_S * self.d_T + 2 * tokens * self.d_T * d_m
         return factor < formed
 
-    def student_state_dict(self) -> dict:
-        """Every student weight (full names), formed from the current projections."""
+    def student_state_dict(self, part=None) -> dict:
+        """Every student weight (full names), formed from the current projections; with ``part`` only
+        block ``part``'s (an int) or those outside the blocks ("top"), whose teacher weights and
+        projections are all in that block's (that FSDP unit's) parameters."""
         tparams = dict(self.teacher.named_parameters(remove_duplicate=False))
-        return {name: self._weight(rule, tparams) for name, rule in self.plan.items()}
+        rules = self.plan if part is None else self.top_plan if part == "top" else \
+            {r[1]: r for r in self.layer_plans[part].values()}
+        return {name: self._weight(rule, tparams) for name, rule in rules.items()}
 
     def _param(self, kind: str, key: str) -> torch.Tensor:
         """Projection (kind "proj") or norm ("norms") ``key``: the clone's own parameter, or, once
@@ -602,26 +618,28 @@ class LowRankClone(nn.Module):
         return functional_call(self.student, self.student_state_dict(), (), inputs, strict=False, tie_weights=False)
 
     @torch.no_grad()
-    def export_student(self) -> nn.Module:
+    def export_student(self, state: Optional[dict] = None) -> nn.Module:
         """A plain Hugging Face model of the teacher's family (BERT: LRCBertModel) with the current
-        weights materialized; hidden_size d_S, head_dim written explicitly."""
+        weights materialized; hidden_size d_S, head_dim written explicitly. ``state``: the student's
+        weights when already formed (a sharded run: :meth:`~lrkd_fast.sharding.ShardedTraining.student_state_dict`)."""
         p = next(self.teacher.parameters())
         cfg = copy.deepcopy(self.config)
         if not self.family.causal:
             cfg.auto_map = {"AutoModel": "modeling_lrc_bert.LRCBertModel"}
             cfg.architectures = ["LRCBertModel"]
         with torch.device(p.device):
-            model = self.student_class(cfg)
-        state = {k: v.detach().clone() for k, v in self.student_state_dict().items()}
+            model = self.student_class(cfg).to(p.dtype)  # in the teacher's dtype before the weights go in: exact
+        state = {k: v.detach().clone() for k, v in (self.student_state_dict() if state is None else state).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in dict(model.named_buffers())]
         if missing or unexpected:
             raise RuntimeError(f"export mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.to(p.dtype).eval()
 
-    def save_student(self, path: str, tokenizer=None) -> nn.Module:
-        """export_student() + save_pretrained (+ the tokenizer; BERT: its modeling file for auto_map)."""
-        model = self.export_student()
+    def save_student(self, path: str, tokenizer=None, model: Optional[nn.Module] = None) -> nn.Module:
+        """export_student() (or ``model``, an exported student) + save_pretrained (+ the tokenizer; BERT:
+        its modeling file for auto_map)."""
+        model = self.export_student() if model is None else model
         model.save_pretrained(path)
         if not self.family.causal:
             with open(os.path.join(path, "modeling_lrc_bert.py"), "w") as f:

@@ -263,8 +263,11 @@ def init_distributed(device: Optional[str]) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def load_teacher(name_or_path: Optional[str], device: str):
-    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default."""
+def load_teacher(name_or_path: Optional[str], device: str, skeleton_dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default.
+    ``skeleton_dtype``: build the model from its config in that dtype with its parameters on the meta
+    device (no weights read; :func:`lrkd_fast.sharding.parameters_on_meta`) and its buffers on the CPU
+    (``device`` is not used)."""
     import transformers
 
     check_teacher(name_or_path)
@@ -278,7 +281,14 @@ def load_teacher(name_or_path: Optional[str], device: str):
         raise FileNotFoundError(f"cannot load teacher {path!r}: {exc}") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
     cls = transformers.AutoModelForCausalLM if ("CausalLM" in arch or "LMHead" in arch) else transformers.AutoModel
-    model = cls.from_pretrained(path, **kw).to(device).eval()
+    if skeleton_dtype is not None:
+        from ..sharding import parameters_on_meta
+
+        with parameters_on_meta():
+            model = cls.from_config(config, dtype=skeleton_dtype)
+        model = model.eval()  # the buffers on the CPU: sharding moves them
+    else:
+        model = cls.from_pretrained(path, **kw).to(device).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -376,10 +386,33 @@ class Prepared:
         return list(TextBatches(texts, self.tok, 64, self.recipe.seq_len, shuffle=False, device=self.device))
 
 
+def load_teacher_on_rank0(name_or_path: Optional[str], rank: int):
+    """:func:`load_teacher` for a run that shards the teacher from rank 0's copy
+    (``shard_training(..., from_rank0=True)``): rank 0 reads the weights into CPU memory, every other
+    process builds the skeleton (parameters on the meta device) in rank 0's dtype. A collective."""
+    import torch.distributed as dist
+
+    model = tok = None
+    if rank == 0:
+        model, tok = load_teacher(name_or_path, "cpu")
+    box = [next(model.parameters()).dtype if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if rank != 0:
+        model, tok = load_teacher(name_or_path, "cpu", skeleton_dtype=box[0])
+    return model, tok
+
+
+def _load(r: Recipe, rank: int, world: int, device: str):
+    if getattr(r, "fsdp", False) and world > 1:  # the teacher whole on rank 0's CPU only, sharded from there
+        return load_teacher_on_rank0(r.teacher, rank)
+    return load_teacher(r.teacher, device)
+
+
 def prepare(r: Recipe, token_store: bool = False) -> Prepared:
     """Check the paths (:func:`check_before_loading`), join torchrun if launched by it, read the text and
-    hold out texts for the table (before any model is loaded), load the teacher. ``token_store``: the
-    recipe can train on a token store given as ``data`` (:func:`_prepare_store`)."""
+    hold out texts for the table (before any model is loaded), load the teacher (a sharded run: on rank
+    0's CPU only, :func:`load_teacher_on_rank0`). ``token_store``: the recipe can train on a token store
+    given as ``data`` (:func:`_prepare_store`)."""
     t0 = time.time()
     checkpoint = check_before_loading(r)
     rank, world, device = init_distributed(r.device)
@@ -406,7 +439,7 @@ def prepare(r: Recipe, token_store: bool = False) -> Prepared:
             raise RecipeError("corpus_size", str(exc).removeprefix("corpus_size ")) from None
         train, held, other, counts = split.train, split.held, split.other, split.counts
     torch.manual_seed(r.seed)
-    model, tok = load_teacher(r.teacher, device)
+    model, tok = _load(r, rank, world, device)
     result = RecipeResult(output=r.output, rank=rank, other_name=OTHER_NAME if other else "", train_counts=counts,
                           pydoc_repeats=r.resolved_pydoc_repeats if other else 1)
     result.rows.append(Row("teacher", EmbeddingFidelity(1.0, 1.0, 1.0, len(held), 1.0),
@@ -438,7 +471,7 @@ def _prepare_store(r: Recipe, allowed: bool, t0: float, checkpoint, rank: int, w
            f"the token store's {n - heldout} training documents make {end // r.seq_len} sequences of {r.seq_len} "
            f"tokens: too few for one batch of batch_size x processes ({need})")
     torch.manual_seed(r.seed)
-    model, tok = load_teacher(r.teacher, device)
+    model, tok = _load(r, rank, world, device)
     try:
         store.check_tokenizer(tok)
     except ValueError as exc:

@@ -12,6 +12,7 @@ mean-pooled last hidden states.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,8 +47,10 @@ class LRCRecipe(Recipe):
     warmup, schedule, decay_fraction: the learning-rate schedule (:class:`~lrkd_fast.training.TrainConfig`).
     fsdp: under torchrun (2 processes or more), shard the teacher, the projections, their gradients and
         the optimizer state across the processes with FSDP2 during training (:mod:`lrkd_fast.sharding`;
-        checkpoints through torch.distributed.checkpoint, one shard per process). The teacher is loaded,
-        and the student measured and exported, whole on every process before and after training.
+        checkpoints through torch.distributed.checkpoint, one shard per process). Only rank 0 reads the
+        teacher's weights, into CPU memory; every other process builds it on the meta device and gets its
+        shards from rank 0. The pca init, the teacher's embeddings and the student's export then run on
+        the shards, one block gathered at a time (:meth:`~lrkd_fast.sharding.ShardedTraining.teacher_forward`).
     preset: the preset the settings came from (:func:`lrc_preset`), or None. The defaults are for the
         small built-in run (MiniLM on CPython's docs, minutes on a CPU); ``lrc_preset("paper")`` is the
         paper's recipe for real corpora.
@@ -175,54 +178,82 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     pre = prepare(r, token_store=True)  # data may be a token store (lrkd-fast tokenize): packed training
     rank, teacher, tok, result, held_b = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
     fit_b = pre.eval_batches(pre.train[:r.fit_texts])
-    t_fit = sentence_embeddings(teacher, fit_b)
-
-    def fidelity(student):
-        return pre.measure(lambda batches, t_emb: readout_fidelity(sentence_embeddings(student, fit_b), t_fit,
-                                                                   sentence_embeddings(student, batches), t_emb))
 
     t0 = time.time()
     resumed = pre.checkpoint is not None  # the projections are in the checkpoint: no PCA calibration
     init = "random" if resumed else r.init
     calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device)) \
         if init == "pca" else None
-    clone = LowRankClone.from_teacher(teacher, r.student_hidden, init=init, calibration=calib,
+    # sharded: only rank 0 holds the teacher's weights (on its CPU); the clone is sharded before the pca init,
+    # which then runs the sharded teacher, as do the measurements and the export
+    clone = LowRankClone.from_teacher(teacher, r.student_hidden, init="random" if r.fsdp else init,
+                                      calibration=None if r.fsdp else calib,
                                       share_qkv=r.share_qkv, share_gate_up=r.share_gate_up, loss=r.loss,
                                       gradient_checkpointing=r.gradient_checkpointing, attn_clone=r.attn_clone,
                                       tie_head_projection=r.tie_head_projection)
-    if resumed:
-        try:
-            load_parameters(clone, pre.checkpoint["params"])
-            if is_sharded_checkpoint(pre.checkpoint):  # written by a sharded run: the parameters are in its shards
-                load_sharded_parameters(clone, pre.checkpoint)
-        except ValueError as exc:
-            clone.close()
-            raise RecipeError("resume", f"checkpoint {pre.checkpoint['path']!r} does not fit this student: {exc}") \
-                from None
-    student = clone.export_student()
-    s_params = sum(p.numel() for p in student.parameters())
-    how = f"resumed at step {pre.checkpoint['step']}" if resumed else r.init
-    start = Row(f"LRC start ({how})", params=s_params, seconds=time.time() - t0, **fidelity(student))
-    result.rows.append(start)
-
-    cfg = lrc_train_config(r, rank)
-    data = pre.train_batches()
-    t1 = time.time()
-    trainer = LRCTrainer(clone, cfg)
-    initial = trainer.trainable_state()
     try:
-        sharding = shard_training(trainer) if r.fsdp else None
+        trainer = LRCTrainer(clone, lrc_train_config(r, rank))
+        sharding = _shard(trainer, pre, calib) if r.fsdp else None
+        if resumed:
+            _load_resumed(clone, sharding, pre.checkpoint)
+        export = sharding.export_student if sharding is not None else clone.export_student
+        run_teacher = sharding.teacher_forward if sharding is not None else contextlib.nullcontext
+        t_fit = []
+
+        def fidelity(student):
+            with run_teacher():
+                if not t_fit:
+                    t_fit.append(sentence_embeddings(teacher, fit_b))
+                return pre.measure(lambda batches, t_emb: readout_fidelity(
+                    sentence_embeddings(student, fit_b), t_fit[0], sentence_embeddings(student, batches), t_emb))
+
+        student = export()
+        s_params = sum(p.numel() for p in student.parameters())
+        how = f"resumed at step {pre.checkpoint['step']}" if resumed else r.init
+        start = Row(f"LRC start ({how})", params=s_params, seconds=time.time() - t0, **fidelity(student))
+        result.rows.append(start)
+
+        data = pre.train_batches()
+        t1 = time.time()
+        initial = trainer.trainable_state()
         result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_b))
-        if sharding is not None:  # the whole student again, on every process, to measure and export it
-            sharding.unshard()
         end = Row(f"LRC trained ({len(result.history['step'])} steps)", params=s_params, seconds=time.time() - t1,
-                  **fidelity(clone.export_student()))
+                  **fidelity(export()))
         result.rows.append(end)
         keep_better(result, start, end, lambda: trainer.load_trainable_state(initial), r.save_worse)
+        student = export()  # every process takes part in a sharded export
         if rank == 0:
-            clone.save_student(r.output, tokenizer=tok)
+            clone.save_student(r.output, tokenizer=tok, model=student)
             finish_output(r, "lrc", pre.heldout, {"fit_texts": r.fit_texts}, history=result.history)
     finally:
         clone.close()
     result.total_seconds = time.time() - pre.started
     return result
+
+
+def _shard(trainer, pre, calib):
+    """Shard ``trainer`` with FSDP2 from rank 0's teacher (:func:`~lrkd_fast.sharding.shard_training`,
+    ``from_rank0``) onto each process's device, then the pca init through the sharded teacher."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sharding = shard_training(trainer, mesh=init_device_mesh(torch.device(pre.device).type, (pre.world,)),
+                              from_rank0=True)
+    if calib is not None:
+        sharding.pca_init(calib)
+    return sharding
+
+
+def _load_resumed(clone, sharding, checkpoint: dict) -> None:
+    """The resume checkpoint's projections and norms into the clone (or its shards), before the start is measured."""
+    from ..training import CheckpointError
+
+    try:
+        if sharding is not None:
+            sharding.load_parameters(checkpoint)
+        else:
+            load_parameters(clone, checkpoint["params"])
+            if is_sharded_checkpoint(checkpoint):  # written by a sharded run: the parameters are in its shards
+                load_sharded_parameters(clone, checkpoint)
+    except (ValueError, CheckpointError) as exc:
+        raise RecipeError("resume", f"checkpoint {checkpoint['path']!r} does not fit this student: {exc}") from None
