@@ -134,6 +134,10 @@ def _add_distill(sub):
     p.add_argument("--output", default=None,
                    help=f"folder the student is saved to (default: {S('output')} for swap, {L('output')} for lrc)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
+                   help="the teacher's and student's attention kernel (default: transformers' choice, sdpa); "
+                        "flash_attention_2 needs flash-attn and reads a token store as one packed row per batch "
+                        "(variable-length kernels)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --output even when it is a non-empty folder that no lrkd-fast run wrote "
                         "(refused by default)")
@@ -200,7 +204,7 @@ def _given(args, **names) -> dict:
 
 def _common(args) -> dict:
     return dict(teacher=args.teacher, data=args.data, minutes=args.minutes,
-                device=args.device, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                device=args.device, attn_implementation=args.attn_implementation, seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                 checkpoint_minutes=args.checkpoint_minutes, overwrite=args.overwrite,
                 keep_checkpoints=args.keep_checkpoints, diagnostics_every=args.diagnostics_every,
                 save_worse=args.save_worse, progress=not args.quiet,

@@ -496,3 +496,40 @@ def test_token_store_errors_in_recipes(tmp_path, minilm_store, tiny_teacher_dir,
     with pytest.raises(RecipeError, match="too few") as e:
         run_lrc_recipe(LRCRecipe(teacher=tiny_teacher_dir, data=minilm_store, seq_len=4096, output=str(tmp_path / "l"),
                                  progress=False))
+
+
+def test_attention_kernel_choice_reaches_the_teacher_and_the_packed_layout(tmp_path, minilm_store, tiny_teacher_dir,
+                                                                             monkeypatch, capsys):
+    """--attn-implementation: validated before loading (flash_attention_2 needs flash-attn, which is not
+    installed here), given to the teacher, and under flash_attention_2 a token store is read as one row
+    per batch with per-document position_ids (what its variable-length kernels take)."""
+    import importlib.util
+
+    from lrkd_fast.cli import main
+    from lrkd_fast.recipes import LRCRecipe, RecipeError
+    from lrkd_fast.recipes.base import packed_layout, prepare
+
+    common = dict(teacher=tiny_teacher_dir, data=minilm_store, batch_size=2, seq_len=32, student_hidden=16,
+                  calib_texts=8, fit_texts=8, heldout=8, progress=False)
+    with pytest.raises(RecipeError, match="one of") as e:
+        LRCRecipe(attn_implementation="flash", output=str(tmp_path / "x"), **common)
+    assert e.value.field == "attn_implementation"
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real_find(name, *a))
+    with pytest.raises(RecipeError, match="needs the flash-attn package"):
+        LRCRecipe(attn_implementation="flash_attention_2", output=str(tmp_path / "x"), **common)
+    assert main(["distill", "--method", "lrc", "--attn-implementation", "flash_attention_2", "--output",
+                 str(tmp_path / "y")]) == 2
+    assert "--attn-implementation" in capsys.readouterr().err and not os.path.exists(tmp_path / "y")
+    monkeypatch.undo()
+
+    r = LRCRecipe(attn_implementation="eager", output=str(tmp_path / "e"), **common)
+    pre = prepare(r, token_store=True)
+    assert pre.teacher.config._attn_implementation == "eager"
+    b = pre.train_batches().batch(0)
+    assert b["attention_mask"].dim() == 4 and b["input_ids"].shape == (2, 32)  # rows with a block mask
+    assert packed_layout("flash_attention_2") == {"mask": "position_ids", "flatten": True}
+    r.attn_implementation = "flash_attention_2"  # the layout alone (loading that kernel needs flash-attn)
+    b = pre.train_batches().batch(0)
+    assert "attention_mask" not in b and b["input_ids"].shape == b["position_ids"].shape == (1, 64)
+    assert (b["position_ids"] == 0).sum() >= 2  # the documents restart their positions inside the row

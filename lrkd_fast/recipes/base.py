@@ -71,6 +71,10 @@ class Recipe:
     minutes: Optional[float] = None
     seq_len: int = 128
     device: Optional[str] = None
+    # the teacher's (and so the student's) attention kernel, as transformers names it; None: its default (sdpa).
+    # "flash_attention_2" (flash-attn installed) reads a token store's packed rows as one row per batch,
+    # documents found from position_ids (variable-length kernels)
+    attn_implementation: Optional[str] = None
     seed: int = 0
     resume: Optional[str] = None
     checkpoint_every: int = 0
@@ -117,6 +121,35 @@ class Recipe:
         _check(isinstance(self.output, str) and self.output.strip() != "", "output",
                f"must be a folder path, got {self.output!r}")
         check_device(self.device)
+        check_attn_implementation(self.attn_implementation)
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_attn_implementation(impl: Optional[str]) -> None:
+    """A clear RecipeError for an attention kernel transformers does not name, or flash_attention_2 without
+    the flash-attn package (checked here, before the teacher loads)."""
+    if impl is None:
+        return
+    _check(impl in ATTN_IMPLEMENTATIONS, "attn_implementation",
+           f"must be None or one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "flash_attention_2":
+        import importlib.util
+
+        _check(importlib.util.find_spec("flash_attn") is not None, "attn_implementation",
+               "'flash_attention_2' needs the flash-attn package (pip install flash-attn, on a CUDA machine); "
+               "it is not installed here: use 'sdpa' (the default) or 'eager'")
+
+
+def packed_layout(attn_implementation: Optional[str]) -> dict:
+    """How a token store's batches are laid out for the teacher's attention kernel
+    (:class:`~lrkd_fast.packed.PackedBatches` ``mask`` / ``flatten``): under flash_attention_2 one row per
+    batch whose documents the variable-length kernels find from where ``position_ids`` restart; otherwise
+    rows with a block-diagonal 4-D mask."""
+    if attn_implementation == "flash_attention_2":
+        return {"mask": "position_ids", "flatten": True}
+    return {"mask": "4d", "flatten": False}
 
 
 def check_device(device: Optional[str]) -> None:
@@ -263,8 +296,10 @@ def init_distributed(device: Optional[str]) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def load_teacher(name_or_path: Optional[str], device: str, skeleton_dtype: Optional[torch.dtype] = None):
-    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default.
+def load_teacher(name_or_path: Optional[str], device: str, skeleton_dtype: Optional[torch.dtype] = None,
+                 attn_implementation: Optional[str] = None):
+    """(model, tokenizer) from a local path or an offline-cached hub name; the packaged MiniLM by default;
+    ``attn_implementation``: transformers' attention kernel (None: its default).
     ``skeleton_dtype``: build the model from its config in that dtype with its parameters on the meta
     device (no weights read; :func:`lrkd_fast.sharding.parameters_on_meta`) and its buffers on the CPU
     (``device`` is not used)."""
@@ -281,14 +316,16 @@ def load_teacher(name_or_path: Optional[str], device: str, skeleton_dtype: Optio
         raise FileNotFoundError(f"cannot load teacher {path!r}: {exc}") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
     cls = transformers.AutoModelForCausalLM if ("CausalLM" in arch or "LMHead" in arch) else transformers.AutoModel
+    check_attn_implementation(attn_implementation)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if skeleton_dtype is not None:
         from ..sharding import parameters_on_meta
 
         with parameters_on_meta():
-            model = cls.from_config(config, dtype=skeleton_dtype)
+            model = cls.from_config(config, dtype=skeleton_dtype, **attn)
         model = model.eval()  # the buffers on the CPU: sharding moves them
     else:
-        model = cls.from_pretrained(path, **kw).to(device).eval()
+        model = cls.from_pretrained(path, **kw, **attn).to(device).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -376,6 +413,7 @@ class Prepared:
             from ..packed import PackedBatches
 
             return PackedBatches(self.store, r.batch_size, r.seq_len, rank=self.rank, world_size=self.world,
+                                 **packed_layout(r.attn_implementation),
                                  seed=r.seed, causal=family_for(self.teacher).causal, labels=False, drop_last=True,
                                  mask_dtype=next(self.teacher.parameters()).dtype, token_range=(0, self.train_tokens),
                                  device=self.device)
@@ -386,7 +424,7 @@ class Prepared:
         return list(TextBatches(texts, self.tok, 64, self.recipe.seq_len, shuffle=False, device=self.device))
 
 
-def load_teacher_on_rank0(name_or_path: Optional[str], rank: int):
+def load_teacher_on_rank0(name_or_path: Optional[str], rank: int, attn_implementation: Optional[str] = None):
     """:func:`load_teacher` for a run that shards the teacher from rank 0's copy
     (``shard_training(..., from_rank0=True)``): rank 0 reads the weights into CPU memory, every other
     process builds the skeleton (parameters on the meta device) in rank 0's dtype. A collective."""
@@ -394,18 +432,18 @@ def load_teacher_on_rank0(name_or_path: Optional[str], rank: int):
 
     model = tok = None
     if rank == 0:
-        model, tok = load_teacher(name_or_path, "cpu")
+        model, tok = load_teacher(name_or_path, "cpu", attn_implementation=attn_implementation)
     box = [next(model.parameters()).dtype if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     if rank != 0:
-        model, tok = load_teacher(name_or_path, "cpu", skeleton_dtype=box[0])
+        model, tok = load_teacher(name_or_path, "cpu", skeleton_dtype=box[0], attn_implementation=attn_implementation)
     return model, tok
 
 
 def _load(r: Recipe, rank: int, world: int, device: str):
     if getattr(r, "fsdp", False) and world > 1:  # the teacher whole on rank 0's CPU only, sharded from there
-        return load_teacher_on_rank0(r.teacher, rank)
-    return load_teacher(r.teacher, device)
+        return load_teacher_on_rank0(r.teacher, rank, r.attn_implementation)
+    return load_teacher(r.teacher, device, attn_implementation=r.attn_implementation)
 
 
 def prepare(r: Recipe, token_store: bool = False) -> Prepared:
