@@ -81,8 +81,8 @@ class TextBatches:
     Iterating yields dicts for ``model(**batch)`` in a fixed order; ``epoch_order(epoch)`` gives a
     reproducible shuffle per epoch, so a resumed run sees exactly the batches it would have seen.
     With ``bucket=True`` (default when shuffling) each epoch's shuffled texts are grouped, within
-    windows of 64 batches, by length, so batches carry little padding (about 2x less compute on
-    sentence data); batch order is shuffled again afterwards.
+    windows of 64 batches, by length in tokens, so batches carry little padding (about 2x less compute
+    on sentence data); batch order is shuffled again afterwards.
 
     Under torchrun give each process its ``rank`` and the ``world_size``: a global step then covers
     ``batch_size * world_size`` texts and each process gets its own ``batch_size`` of them.
@@ -107,6 +107,7 @@ class TextBatches:
         self.device = device
         self.bucket = shuffle if bucket is None else bucket
         self._lengths = None
+        self._order = None  # (epoch, its order): the last epoch_order computed
 
     def __len__(self) -> int:
         """Steps per epoch (global batches, the last one possibly short)."""
@@ -114,14 +115,27 @@ class TextBatches:
         return (len(self.texts) + glob - 1) // glob
 
     def epoch_order(self, epoch: int) -> list[int]:
+        """The text indices of ``epoch`` in the order its batches take them (computed once per epoch)."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        idx = self._epoch_order(epoch)
+        self._order = (epoch, idx)
+        return idx
+
+    def token_lengths(self) -> list[int]:
+        """Every text's length in tokens (truncated at ``seq_len``, special tokens included): what a batch pads to."""
+        if self._lengths is None:
+            self._lengths = [len(ids) for ids in self.tok(self.texts, truncation=True, max_length=self.seq_len)["input_ids"]]
+        return self._lengths
+
+    def _epoch_order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.texts)))
         if not self.shuffle:
             return idx
         rng = random.Random(self.seed * 100003 + epoch)
         rng.shuffle(idx)
         if self.bucket:
-            if self._lengths is None:  # character length: a cheap, tokenizer-independent proxy
-                self._lengths = [len(t) for t in self.texts]
+            self.token_lengths()  # by tokens, not characters: 4% padding on the built-in corpus instead of 37%
             bs = self.batch_size * self.world_size  # buckets of global batches: sharding keeps the order
             window = 64 * bs
             batches = []
@@ -155,6 +169,19 @@ class TextBatches:
         bs = self.batch_size
         for i in range(0, len(self.texts), bs):
             yield self.encode(self.texts[i:i + bs])
+
+
+def by_length(texts: list[str], tokenizer, seq_len: int) -> list[str]:
+    """``texts`` in the order of their length in tokens (truncated at ``seq_len``; ties keep their order),
+    so that batches of neighbours carry little padding. For passes whose result does not depend on the
+    texts' order: evaluation that pairs the same batches of teacher and student, calibration sums over
+    tokens (on the built-in corpus about 3x fewer tokens than batches in the given order)."""
+    if not isinstance(texts, list):
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        return []
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
+    return [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
 
 
 # the built-in corpus beyond pydoc lives in its own module (it imports pydoc_sentences from here)

@@ -86,6 +86,14 @@ def test_text_batches_are_reproducible_and_bucketed(tok):
     plain = TextBatches(texts, tok, 16, 64, seed=1, bucket=False)
     pad = lambda tb: sum(int((tb.batch(s)["attention_mask"] == 0).sum()) for s in range(len(tb)))
     assert pad(a) < 0.6 * pad(plain)
+    # by tokens: every batch of a sorted window pads to within a few tokens of its texts
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=64)["input_ids"]]
+    assert a.token_lengths() == lengths
+    real = sum(int(a.batch(s)["attention_mask"].sum()) for s in range(len(a)))
+    assert real == sum(lengths) and pad(a) < 0.1 * real  # a plain shuffle: 0.7 * real
+    # the order is computed once per epoch, and is the same when computed again
+    assert a.epoch_order(0) is a.epoch_order(0) and a.epoch_order(1) == b.epoch_order(1)
+    assert a.epoch_order(0) == TextBatches(texts, tok, 16, 64, seed=1).epoch_order(0)
 
 
 
@@ -103,3 +111,18 @@ def test_text_batches_shard_a_global_batch_across_ranks(tok):
         assert parts[0] | parts[1] == decode(full.batch(step))
     with pytest.raises(ValueError, match="rank must be in"):
         TextBatches(texts, tok, 4, rank=2, world_size=2)
+
+
+def test_by_length_orders_texts_by_tokens_and_keeps_every_text(tok):
+    from lrkd_fast.data import by_length
+
+    texts = pydoc_sentences()[:300]
+    ordered = by_length(texts, tok, 32)
+    assert sorted(ordered) == sorted(texts)  # every text once
+    lengths = [len(ids) for ids in tok(ordered, truncation=True, max_length=32)["input_ids"]]
+    assert lengths == sorted(lengths)
+    same = [t for t in texts if len(tok(t, truncation=True, max_length=32)["input_ids"]) == lengths[0]]
+    assert ordered[:len(same)] == same  # ties keep their order
+    assert by_length([], tok, 32) == []
+    with pytest.raises(TypeError, match="texts must be a list"):
+        by_length("one text", tok, 32)

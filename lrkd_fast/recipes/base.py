@@ -421,7 +421,15 @@ class Prepared:
                            rank=self.rank, world_size=self.world)
 
     def eval_batches(self, texts: list) -> list:
-        return list(TextBatches(texts, self.tok, 64, self.recipe.seq_len, shuffle=False, device=self.device))
+        """Batches of ``texts`` for measuring (ordered by length: little padding; teacher and student get the same)."""
+        return length_batches(texts, self.tok, 64, self.recipe.seq_len, self.device)
+
+
+def length_batches(texts: list, tok, batch_size: int, seq_len: int, device) -> list:
+    """Every text of ``texts`` once, in batches of similar lengths (:func:`~lrkd_fast.data.by_length`)."""
+    from ..data import by_length
+
+    return list(TextBatches(by_length(texts, tok, seq_len), tok, batch_size, seq_len, shuffle=False, device=device))
 
 
 def load_teacher_on_rank0(name_or_path: Optional[str], rank: int, attn_implementation: Optional[str] = None):

@@ -20,12 +20,11 @@ from typing import Optional
 
 from ..clone import LowRankClone, LRCLoss, LRCTrainer
 from ..clone.model import ATTN_CLONES, DEFAULT_ATTN_CLONE
-from ..data import TextBatches
 from ..evaluate import readout_fidelity, sentence_embeddings
 from ..sharding import is_sharded_checkpoint, load_sharded_parameters, shard_training
 from ..training import SCHEDULES, TrainConfig, load_parameters
 from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings, finish_output,
-                   keep_better, prepare)
+                   keep_better, length_batches, prepare)
 
 __all__ = ["LRC_PRESETS", "LRCRecipe", "lrc_preset", "lrc_train_config", "paper_alpha", "run_lrc_recipe"]
 
@@ -182,8 +181,7 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
     t0 = time.time()
     resumed = pre.checkpoint is not None  # the projections are in the checkpoint: no PCA calibration
     init = "random" if resumed else r.init
-    calib = list(TextBatches(pre.train[:r.calib_texts], tok, 32, r.seq_len, shuffle=False, device=pre.device)) \
-        if init == "pca" else None
+    calib = length_batches(pre.train[:r.calib_texts], tok, 32, r.seq_len, pre.device) if init == "pca" else None
     # sharded: only rank 0 holds the teacher's weights (on its CPU); the clone is sharded before the pca init,
     # which then runs the sharded teacher, as do the measurements and the export
     clone = LowRankClone.from_teacher(teacher, r.student_hidden, init="random" if r.fsdp else init,

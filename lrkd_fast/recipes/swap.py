@@ -16,7 +16,6 @@ from typing import ClassVar, Optional, Union
 
 import torch
 
-from ..data import TextBatches
 from ..distillation import CLONE_CHOICES, DistillConfig, Distiller
 from ..evaluate import embedding_fidelity, sentence_embeddings
 from ..model_utils import find_blocks
@@ -25,7 +24,7 @@ from ..swap import ALLOCATIONS, INITS, LowRankConfig, save_lowrank, swap_linear_
 from ..swap.config import LayerReport, SwapReport, dense_weight, find_target_layers, layer_ranks
 from ..training import load_parameters
 from .base import (Recipe, RecipeError, RecipeResult, Row, _check, _is_int, diagnostics_batches, diagnostics_settings,
-                   finish_output, keep_better, prepare)
+                   finish_output, keep_better, length_batches, prepare)
 
 __all__ = ["SwapRecipe", "default_targets", "run_swap_recipe"]
 
@@ -168,7 +167,10 @@ def swapped_student(pre, r: SwapRecipe) -> tuple:
     if pre.checkpoint is not None:  # the factors are in the checkpoint: no calibration
         return student, _swap_as_checkpoint(student, cfg, pre.checkpoint, r), \
             f"resumed at step {pre.checkpoint['step']}"
-    calib = list(TextBatches(pre.train[:r.calib_texts], pre.tok, 32, r.seq_len, shuffle=False, device=pre.device))
+    # by length (little padding), the texts of the sensitivity measurement's batches (the first ones) among themselves
+    texts, first = pre.train[:r.calib_texts], 32 * cfg.sensitivity_batches
+    calib = length_batches(texts[:first], pre.tok, 32, r.seq_len, pre.device) + \
+        length_batches(texts[first:], pre.tok, 32, r.seq_len, pre.device)
     report = swap_linear_layers(student, cfg, calibration=calib, progress=r.progress and pre.rank == 0)
     return student, report, r.init if allocation == "uniform" else f"{r.init}, {allocation} ranks"
 
