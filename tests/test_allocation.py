@@ -62,3 +62,41 @@ def test_bad_inputs_name_the_argument():
         _alloc({"a": [1, 1]}, 2, weights={"a": -1.0})
     with pytest.raises(ValueError, match="costs lacks"):
         allocate_ranks({"a": torch.ones(2)}, {}, 2, {"a": 1.0}, {"a": 1}, {"a": 2})
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_sensitivity_replaying_earlier_blocks_measures_the_same(family):
+    """Blocks before the cut layer's give their recorded outputs instead of running again: the errors,
+    so the ranks, are those of running the whole model for every layer (bit for bit)."""
+    import transformers as tf
+
+    from lrkd_fast import LowRankLinear
+    from lrkd_fast.allocation import sensitivity_ranks
+    from lrkd_fast.model_utils import find_blocks
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                           intermediate_size=48))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    model.eval()
+    blocks = find_blocks(model)
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(n.startswith(b + ".") for b in blocks)}
+    assert len(blocks) == 3 and len(layers) >= 18
+    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    ranks = {n: 8 for n in layers}
+
+    def truncation(name, rank):
+        m = layers[name]
+        return torch.linalg.svdvals(m.weight.detach().double()).pow(2), lambda: LowRankLinear.from_linear(m, rank)
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 64, (3, 7), generator=g),
+                "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])} for _ in range(2)]
+    replayed = sensitivity_ranks(model, ranks, shapes, truncation, batches, progress=False)
+    whole = sensitivity_ranks(model, ranks, shapes, truncation, batches, progress=False, reuse_blocks=False)
+    assert replayed == whole and replayed != ranks  # the measurement moved ranks, the same way
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in layers)  # every block and layer is back

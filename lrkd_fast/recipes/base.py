@@ -426,9 +426,12 @@ class Prepared:
 
 
 def length_batches(texts: list, tok, batch_size: int, seq_len: int, device) -> list:
-    """Every text of ``texts`` once, in batches of similar lengths (:func:`~lrkd_fast.data.by_length`)."""
+    """Every text of ``texts`` once, in batches of similar lengths (:func:`~lrkd_fast.data.by_length`);
+    none for no texts."""
     from ..data import by_length
 
+    if not texts:
+        return []
     return list(TextBatches(by_length(texts, tok, seq_len), tok, batch_size, seq_len, shuffle=False, device=device))
 
 
