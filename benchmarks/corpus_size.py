@@ -39,6 +39,22 @@ def fidelity_cells(r: dict) -> str:
             f"{r['stdlib_mean_cos']:.4f} | {r['stdlib_spearman']:.4f} |")
 
 
+FIDELITY_HEAD = ["pydoc mean cos", "pydoc Spearman", "pydoc NN agree", "stdlib mean cos", "stdlib Spearman"]
+
+
+def write_readme(out: str, title: str, command: str, intro: str, head: list, rows: list, figure: str = "") -> None:
+    """``out/README.md``: the title, the command, the machine and date with ``intro``, an optional figure
+    (markdown), and the table of ``head`` (its first cells; the fidelity columns follow) and ``rows``
+    (markdown table rows)."""
+    head = head + FIDELITY_HEAD
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"Machine: {machine()}, {_dt.date.today().isoformat()}. {intro}", ""]
+    lines += [figure, ""] if figure else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows
+    with open(os.path.join(out, "README.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def run_size(size, steps, teacher=None, progress=True, **recipe) -> dict:
     """One default run on ``size`` training texts (None: the whole corpus; 0: the pydoc split alone)."""
     from lrkd_fast.recipes import SwapRecipe, run_swap_recipe
@@ -65,18 +81,12 @@ def write(rows: list, out: str, command: str) -> None:
         w = csv.DictWriter(fh, FIELDS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["# Corpus size and the default run's held-out quality", "",
-             f"Command: `{command}`", "",
-             f"Machine: {machine()}, {_dt.date.today().isoformat()}. Each row is one default run (same start, "
-             "same steps) on that many training texts; held-out sets: 512 pydoc sentences and 512 standard-library "
-             "docstring sentences never trained on. Spearman: rank correlation of teacher and student cosine "
-             "similarities over all pairs.", "",
-             "| training texts | steps | wall s | pydoc mean cos | pydoc Spearman | pydoc NN agree | stdlib mean cos "
-             "| stdlib Spearman |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['train_texts']:,} | {r['steps']} | {r['wall_s']:.0f} | {fidelity_cells(r)}")
-    with open(os.path.join(out, "README.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_readme(out, "Corpus size and the default run's held-out quality", command,
+                 "Each row is one default run (same start, same steps) on that many training texts; held-out sets: "
+                 "512 pydoc sentences and 512 standard-library docstring sentences never trained on. Spearman: rank "
+                 "correlation of teacher and student cosine similarities over all pairs.",
+                 ["training texts", "steps", "wall s"],
+                 [f"| {r['train_texts']:,} | {r['steps']} | {r['wall_s']:.0f} | {fidelity_cells(r)}" for r in rows])
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,6 @@ import argparse
 import copy
 import csv
 import dataclasses
-import datetime as _dt
 import os
 import random
 import sys
@@ -33,8 +32,7 @@ import time
 
 import torch
 
-from .corpus_size import fidelity_cells, fidelity_columns
-from .rank_sweep import machine
+from .corpus_size import fidelity_cells, fidelity_columns, write_readme
 
 FIELDS = ["arm", "lr", "steps", "batch", "text", "train_texts", "step", "train_s", "pydoc_mean_cos",
           "pydoc_spearman", "pydoc_nn_agree", "stdlib_mean_cos", "stdlib_spearman"]
@@ -150,18 +148,14 @@ def write(rows: list, out: str, command: str, setup_s: float) -> None:
         w.writerows(rows)
     plot(rows, os.path.join(out, "default_tuning.png"))
     finals = [r for i, r in enumerate(rows) if i + 1 == len(rows) or rows[i + 1]["arm"] != r["arm"]]
-    lines = ["# The default run's settings and its held-out quality", "", f"Command: `{command}`", "",
-             f"Machine: {machine()}, {_dt.date.today().isoformat()}. One start for every arm: the default run's "
-             f"split, teacher and calibrated low-rank student (built in {setup_s:.0f} s). Held-out sets: 512 pydoc "
-             "sentences and 512 standard-library docstring sentences never trained on; Spearman: rank correlation "
-             "of teacher and student cosine similarities over all pairs. `train s`: training time without the "
-             "measurements.", "", "![held-out fidelity against steps](default_tuning.png)", "",
-             "| arm | training texts | steps | train s | pydoc mean cos | pydoc Spearman | pydoc NN agree | "
-             "stdlib mean cos | stdlib Spearman |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in finals:
-        lines.append(f"| {r['arm']} | {r['train_texts']:,} | {r['step']} | {r['train_s']:.0f} | {fidelity_cells(r)}")
-    with open(os.path.join(out, "README.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_readme(out, "The default run's settings and its held-out quality", command,
+                 f"One start for every arm: the default run's split, teacher and calibrated low-rank student (built "
+                 f"in {setup_s:.0f} s). Held-out sets: 512 pydoc sentences and 512 standard-library docstring sentences "
+                 "never trained on; Spearman: rank correlation of teacher and student cosine similarities over all "
+                 "pairs. `train s`: training time without the measurements.",
+                 ["arm", "training texts", "steps", "train s"],
+                 [f"| {r['arm']} | {r['train_texts']:,} | {r['step']} | {r['train_s']:.0f} | {fidelity_cells(r)}"
+                  for r in finals], figure="![held-out fidelity against steps](default_tuning.png)")
 
 
 def main(argv=None) -> int:

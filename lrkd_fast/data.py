@@ -125,7 +125,7 @@ class TextBatches:
     def token_lengths(self) -> list[int]:
         """Every text's length in tokens (truncated at ``seq_len``, special tokens included): what a batch pads to."""
         if self._lengths is None:
-            self._lengths = [len(ids) for ids in self.tok(self.texts, truncation=True, max_length=self.seq_len)["input_ids"]]
+            self._lengths = token_lengths(self.texts, self.tok, self.seq_len)
         return self._lengths
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -171,6 +171,11 @@ class TextBatches:
             yield self.encode(self.texts[i:i + bs])
 
 
+def token_lengths(texts: list[str], tokenizer, seq_len: int) -> list[int]:
+    """Each text's length in tokens, truncated at ``seq_len``, special tokens included (what a batch pads to)."""
+    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
+
+
 def by_length(texts: list[str], tokenizer, seq_len: int) -> list[str]:
     """``texts`` in the order of their length in tokens (truncated at ``seq_len``; ties keep their order),
     so that batches of neighbours carry little padding. For passes whose result does not depend on the
@@ -180,7 +185,7 @@ def by_length(texts: list[str], tokenizer, seq_len: int) -> list[str]:
         raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
     if not texts:
         return []
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
+    lengths = token_lengths(texts, tokenizer, seq_len)
     return [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
 
 

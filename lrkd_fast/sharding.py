@@ -309,25 +309,21 @@ class ShardedTraining:
     def load_parameters(self, checkpoint: dict) -> None:
         """The trainable parameters of a resume checkpoint (:func:`~lrkd_fast.training.read_checkpoint`)
         into the shards: each process reads its parts of a sharded run's DCP shards, or its slices of a
-        plain checkpoint's tensors. ValueError names a parameter that does not fit."""
-        from .training import CheckpointError
-
+        plain checkpoint's tensors. ValueError names a parameter that does not fit; CheckpointError a
+        sharded checkpoint whose shards are missing."""
         if is_sharded_checkpoint(checkpoint):
             saved = checkpoint["sharded"]["params"]
-            bad = [n for n in self._named if n not in saved or list(saved[n]) != list(self._named[n].shape)]
-            if bad or len(saved) != len(self._named):
-                raise ValueError(f"checkpoint {checkpoint.get('path')!r} does not fit this student: parameter "
-                                 f"{(bad or sorted(set(saved) - set(self._named)))[:1]} differs (written with other "
-                                 f"settings?)")
-            try:
-                _dcp_load({"params": {n: p.detach() for n, p in self._named.items()}}, _shard_dir(checkpoint))
-            except CheckpointError as exc:
-                raise ValueError(str(exc)) from None
+            named = {n: list(p.shape) for n, p in self._named.items()}
+            bad = sorted(n for n in set(saved) | set(named) if saved.get(n) is None or list(saved[n]) != named.get(n))
+            if bad:
+                raise ValueError(f"parameter {bad[0]!r} is {saved.get(bad[0])} in the checkpoint but "
+                                 f"{named.get(bad[0])} here (written with other settings?)")
+            _dcp_load({"params": {n: p.detach() for n, p in self._named.items()}}, _shard_dir(checkpoint))
             return
         params = checkpoint["params"]
         missing = [n for n in self._named if n not in params]
         if missing:
-            raise ValueError(f"checkpoint {checkpoint.get('path')!r} does not fit this student: it lacks {missing[:3]}")
+            raise ValueError(f"it lacks {missing[:3]}")
         self.set_values(params)
 
     @torch.no_grad()

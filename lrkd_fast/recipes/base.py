@@ -262,10 +262,13 @@ def diagnostics_settings(r: Recipe) -> dict:
     return dict(diagnostics_every=r.diagnostics_every, diagnostics_plot=os.path.join(r.output, "diagnostics.png"))
 
 
-def diagnostics_batches(r: Recipe, held_batches: list) -> Optional[list]:
-    """The batches the diagnostics are measured on: the first two held-out batches (which layer lags on
-    text the student never trained on), or None when they are off."""
-    return list(held_batches[:2]) if r.diagnostics_every else None
+def diagnostics_batches(r: Recipe, pre: "Prepared") -> Optional[list]:
+    """The batches the diagnostics are measured on: two batches of the first held-out texts, in their
+    order (which layer lags on text the student never trained on; the measuring batches are ordered by
+    length, so their first ones would be the shortest texts), or None when they are off."""
+    if not r.diagnostics_every:
+        return None
+    return list(TextBatches(pre.held[:128], pre.tok, 64, r.seq_len, shuffle=False, device=pre.device))
 
 
 BUILTIN_HELDOUT = 512  # pydoc sentences held out from the built-in corpus

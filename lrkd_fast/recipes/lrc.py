@@ -175,7 +175,7 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
            "shards across the processes of torchrun: launch with torchrun --nproc_per_node N (N >= 2); a single "
            "process resumes a sharded run's checkpoint without fsdp")
     pre = prepare(r, token_store=True)  # data may be a token store (lrkd-fast tokenize): packed training
-    rank, teacher, tok, result, held_b = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
+    rank, teacher, tok, result = pre.rank, pre.teacher, pre.tok, pre.result
     fit_b = pre.eval_batches(pre.train[:r.fit_texts])
 
     t0 = time.time()
@@ -214,7 +214,7 @@ def run_lrc_recipe(r: LRCRecipe) -> RecipeResult:
         data = pre.train_batches()
         t1 = time.time()
         initial = trainer.trainable_state()
-        result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_b))
+        result.history = trainer.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, pre))
         end = Row(f"LRC trained ({len(result.history['step'])} steps)", params=s_params, seconds=time.time() - t1,
                   **fidelity(export()))
         result.rows.append(end)

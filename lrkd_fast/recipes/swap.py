@@ -188,7 +188,7 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     if not isinstance(r, SwapRecipe):
         raise TypeError(f"r must be a SwapRecipe, got {type(r).__name__}")
     pre = prepare(r)
-    rank, teacher, tok, result, held_batches = pre.rank, pre.teacher, pre.tok, pre.result, pre.held_batches
+    rank, teacher, tok, result = pre.rank, pre.teacher, pre.tok, pre.result
 
     t0 = time.time()
     student, report, how = swapped_student(pre, r)
@@ -206,7 +206,7 @@ def run_swap_recipe(r: SwapRecipe) -> RecipeResult:
     d = Distiller(student, teacher, dcfg)
     initial = d.trainable_state()
     try:
-        result.history = d.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, held_batches))
+        result.history = d.train(data, resume_from=pre.checkpoint, diagnostics_data=diagnostics_batches(r, pre))
     finally:
         d.close()
     end = Row(f"distilled ({len(result.history['step'])} steps)", params=s_params, seconds=time.time() - t1,
