@@ -10,10 +10,11 @@ trained on) every ``--eval-every`` steps and at the end::
     python -m benchmarks.default_tuning --arms lr=1e-3,steps=2000,text=all --out DIR
     python -m benchmarks.default_tuning --arms text=pydoc text=pydoc4 --out DIR
 
-An arm is ``key=value`` pairs joined by commas: ``lr``, ``steps``, ``batch`` and ``text`` (``all``:
+An arm is ``key=value`` pairs joined by commas: ``lr``, ``steps``, ``batch``, ``text`` (``all``:
 the whole training split once, ``pydoc``: its pydoc sentences alone, ``pydocK``: the whole split with
 its pydoc sentences K times, as ``pydoc_repeats=K`` gives it; ``N``: the pydoc sentences plus a fixed
-random N of the others).
+random N of the others), ``opt`` (``whitened`` or ``adamw``) and ``whiten`` (the most inputs of a
+whitened layer; 0: no limit).
 Unnamed keys take the default run's values. Writes ``default_tuning.csv`` (one row per measurement),
 ``default_tuning.png`` (held-out fidelity against steps, one line per arm) and a README with the
 final table, the command and the machine.
@@ -34,9 +35,9 @@ import torch
 
 from .corpus_size import fidelity_cells, fidelity_columns, write_readme
 
-FIELDS = ["arm", "lr", "steps", "batch", "text", "train_texts", "step", "train_s", "pydoc_mean_cos",
+FIELDS = ["arm", "lr", "steps", "batch", "text", "opt", "whiten", "train_texts", "step", "train_s", "pydoc_mean_cos",
           "pydoc_spearman", "pydoc_nn_agree", "stdlib_mean_cos", "stdlib_spearman"]
-KEYS = ("lr", "steps", "batch", "text")
+KEYS = ("lr", "steps", "batch", "text", "opt", "whiten")
 
 
 def parse_arm(spec: str, defaults: dict) -> dict:
@@ -46,12 +47,14 @@ def parse_arm(spec: str, defaults: dict) -> dict:
         key, sep, value = part.partition("=")
         if not sep or key not in KEYS or not value:
             raise ValueError(f"arm {spec!r}: each part must be key=value with key one of {KEYS}, got {part!r}")
-        arm[key] = value if key == "text" else (float(value) if key == "lr" else int(value))
+        arm[key] = value if key in ("text", "opt") else (float(value) if key == "lr" else int(value))
     text = arm["text"]
     if not (text in ("all", "pydoc") or (text.startswith("pydoc") and text[5:].isdigit()) or text.isdigit()):
         raise ValueError(f"arm {spec!r}: text must be all, pydoc, pydocK or a number of texts, got {text!r}")
-    if arm["lr"] <= 0 or arm["steps"] < 1 or arm["batch"] < 1:
-        raise ValueError(f"arm {spec!r}: lr must be > 0, steps and batch >= 1")
+    if arm["lr"] <= 0 or arm["steps"] < 1 or arm["batch"] < 1 or arm["whiten"] < 0:
+        raise ValueError(f"arm {spec!r}: lr must be > 0, steps and batch >= 1, whiten >= 0")
+    if arm["opt"] not in ("whitened", "adamw"):
+        raise ValueError(f"arm {spec!r}: opt must be whitened or adamw, got {arm['opt']!r}")
     arm["name"] = spec or "default"
     return arm
 
@@ -94,11 +97,11 @@ def run_arm(pre, start, arm: dict, eval_every: int, recipe, progress: bool = Tru
 
     texts = training_texts(pre.train, pre.result.train_counts["pydoc"], arm["text"], seed=recipe.seed)
     student = copy.deepcopy(start)
-    base = {k: arm[k] for k in ("name", "lr", "steps", "batch", "text")}
+    base = {k: arm[k] for k in ("name", "lr", "steps", "batch", "text", "opt", "whiten")}
     base = {"arm": base.pop("name"), **base, "train_texts": len(texts)}
     rows = [{**base, "step": 0, "train_s": 0.0, **measure(pre, student)}]
     cfg = dataclasses.replace(swap_distill_config(recipe), steps=arm["steps"], lr=arm["lr"], checkpoint_dir=None,
-                              progress=progress)
+                              progress=progress, optimizer=arm["opt"], whiten_max_features=arm["whiten"] or None)
     d = Distiller(student, pre.teacher, cfg)
     clock = {"train": 0.0, "since": time.time()}
 
@@ -177,7 +180,8 @@ def main(argv=None) -> int:
         recipe = SwapRecipe(teacher=a.teacher, output=os.path.join(tmp, "s"), progress=not a.quiet, pydoc_repeats=1,
                             **extra)
         defaults = {"lr": recipe.lr, "steps": recipe.steps, "batch": recipe.batch_size,
-                    "text": f"pydoc{SwapRecipe.DEFAULT_PYDOC_REPEATS}"}
+                    "text": f"pydoc{SwapRecipe.DEFAULT_PYDOC_REPEATS}", "opt": recipe.optimizer,
+                    "whiten": recipe.whiten_max_features or 0}
         try:
             arms = [parse_arm(s, defaults) for s in a.arms]
         except ValueError as exc:

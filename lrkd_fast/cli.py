@@ -114,6 +114,10 @@ def _add_distill(sub):
                    help=f"swap: activations to clone besides the embedding loss: inner = every block's output but "
                         f"the last; auto = every block's; lowrank = every swapped layer's "
                         f"(default: {S('clone_modules')})")
+    p.add_argument("--optimizer", choices=["whitened", "adamw"], default=None,
+                   help=f"swap: whitened = AdamW whose steps for each low-rank layer's input factor (up to "
+                        f"{S('whiten_max_features')} inputs) are taken in whitened input coordinates, from the teacher's "
+                        f"inputs over the first batches; adamw = plain AdamW (default: {S('optimizer')})")
     p.add_argument("--batch-size", type=_pos_int, default=None,
                    help=f"texts per step and process (default: {S('batch_size')} for swap, {L('batch_size')} for lrc)")
     p.add_argument("--seq-len", type=_number(int, 2, what="an int >= 2"), default=None,
@@ -243,7 +247,7 @@ def _lrc_recipe(args):
     from .recipes import LRCRecipe, lrc_preset
 
     for flag, value in (("--clone", args.clone), ("--allocation", args.allocation), ("--rank", args.rank),
-                        ("--target-modules", args.target_modules)):
+                        ("--target-modules", args.target_modules), ("--optimizer", args.optimizer)):
         if value is not None:
             raise _FlagError(flag, "is for --method swap")
     if args.init not in (None, "random", "pca"):
@@ -290,7 +294,7 @@ def _run_distill(args) -> int:
             raise _FlagError("--" + flag.replace("_", "-"), "is for --method lrc")
     recipe = SwapRecipe(keep=args.keep, rank=args.rank, target_modules=args.target_modules,
                         allocation=args.allocation, teacher_cache=args.teacher_cache,
-                        **_given(args, init="init", clone_modules="clone"), **_common(args))
+                        **_given(args, init="init", clone_modules="clone", optimizer="optimizer"), **_common(args))
     result = run_swap_recipe(recipe)
     if result.rank != 0:
         return 0

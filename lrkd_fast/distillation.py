@@ -30,10 +30,11 @@ from .model_utils import OutputCatcher, find_blocks, is_causal_lm
 from .teacher_cache import TeacherCache
 from .training import TrainConfig, TrainingLoop
 
-__all__ = ["CLONE_CHOICES", "OUTPUT_LOSSES", "DistillConfig", "Distiller", "distill"]
+__all__ = ["CLONE_CHOICES", "OPTIMIZERS", "OUTPUT_LOSSES", "DistillConfig", "Distiller", "distill"]
 
 OUTPUT_LOSSES = ("auto", "kd", "cosine", "mse", "none")
 CLONE_CHOICES = ("auto", "inner", "lowrank")
+OPTIMIZERS = ("adamw", "whitened")
 _LAST = "\0last_hidden_state"  # key of the teacher's last hidden state among its targets
 
 
@@ -55,6 +56,12 @@ class DistillConfig(TrainConfig):
     teacher_cache: keep the teacher's targets per text and reuse them when the text comes back
         (:class:`~lrkd_fast.teacher_cache.TeacherCache`), up to ``teacher_cache_gb``. Not saved in
         checkpoints: a resumed run refills it, so its losses match up to float rounding.
+    optimizer: "adamw", or "whitened": :class:`~lrkd_fast.optim.WhitenedAdamW`, whose steps for each
+        low-rank layer's input factor U are taken in whitened input coordinates. The bases come from
+        the teacher's inputs to the same layers over the run's first ``whiten_batches`` batches
+        (damped by ``whiten_damping``, as the whitened init), averaged over the processes of a
+        data-parallel run; layers with more than ``whiten_max_features`` inputs (None: no limit) take
+        plain AdamW steps, since the basis costs ``2 d_in^2 r`` FLOPs per step. Not with FSDP shards.
     """
 
     clone_modules: Union[str, list, None] = "auto"
@@ -69,6 +76,10 @@ class DistillConfig(TrainConfig):
     autocast: str = "auto"
     teacher_cache: bool = False
     teacher_cache_gb: float = 2.0
+    optimizer: str = "adamw"
+    whiten_batches: int = 32
+    whiten_damping: float = 1e-2
+    whiten_max_features: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +98,15 @@ class DistillConfig(TrainConfig):
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
         if not (finite(self.teacher_cache_gb) and self.teacher_cache_gb > 0):
             raise ValueError(f"teacher_cache_gb must be > 0 and finite, got {self.teacher_cache_gb!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if isinstance(self.whiten_batches, bool) or not isinstance(self.whiten_batches, int) or self.whiten_batches < 1:
+            raise ValueError(f"whiten_batches must be an int >= 1, got {self.whiten_batches!r}")
+        if not (finite(self.whiten_damping) and self.whiten_damping > 0):
+            raise ValueError(f"whiten_damping must be > 0 and finite, got {self.whiten_damping!r}")
+        if self.whiten_max_features is not None and (isinstance(self.whiten_max_features, bool) or not isinstance(
+                self.whiten_max_features, int) or self.whiten_max_features < 1):
+            raise ValueError(f"whiten_max_features must be None or an int >= 1, got {self.whiten_max_features!r}")
 
 
 class Distiller(TrainingLoop):
@@ -136,6 +156,51 @@ class Distiller(TrainingLoop):
             history["teacher_cache"] = {"hits": self.cache.hits, "misses": self.cache.misses,
                                         "texts": len(self.cache.rows), "gib": self.cache.nbytes / 2**30}
         return history
+
+    def _optimizer(self, get_batch):
+        if self.cfg.optimizer == "adamw":
+            return super()._optimizer(get_batch)
+        from .optim import WhitenedAdamW
+
+        if self.sharding is not None:
+            raise ValueError("optimizer='whitened' mixes the rows of each factor, which FSDP splits across processes: "
+                             "use optimizer='adamw' for a sharded run")
+        bases = self.whitening_bases([get_batch(i) for i in range(self.cfg.whiten_batches)])
+        return WhitenedAdamW(self.params, bases, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def whitening_bases(self, batches: list) -> dict:
+        """``{U: M}`` for :class:`~lrkd_fast.optim.WhitenedAdamW`: per trainable low-rank layer of the student
+        (up to ``whiten_max_features`` inputs), the basis of the teacher's inputs to the layer of the same
+        name over ``batches`` (padding left out), averaged over the processes of a data-parallel run."""
+        import torch.distributed as dist
+
+        from .optim import whitening_basis
+        from .swap.init import collect_input_grams
+
+        limit = self.cfg.whiten_max_features
+        layers = {n: m for n, m in self.student.named_modules() if isinstance(m, LowRankLinear)
+                  and m.U.requires_grad and (limit is None or m.in_features <= limit)}
+        if not layers:
+            return {}
+        dense = {}
+        for n in layers:
+            try:
+                dense[n] = self.teacher.get_submodule(n)
+            except AttributeError:
+                raise ValueError(f"optimizer='whitened' reads the teacher's inputs to each low-rank layer, but the "
+                                 f"teacher has no module {n!r}: the student must be a swapped copy of it") from None
+        try:
+            grams = collect_input_grams(self.teacher, dense, batches, progress=False)
+        finally:  # the loss hooks caught these forwards too
+            self._t_catch.pop()
+        bases = {}
+        for n, m in layers.items():
+            g = grams[n].to(m.U.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(g)
+                g /= dist.get_world_size()
+            bases[m.U] = whitening_basis(g, self.cfg.whiten_damping, name=n)
+        return bases
 
     def _select_trainable(self) -> list[nn.Parameter]:
         for p in self.student.parameters():

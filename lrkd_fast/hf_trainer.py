@@ -61,6 +61,10 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"dropout must be a bool, got {type(dropout).__name__}")
         if isinstance(method, Distiller):
             model = method.student
+            if method.cfg.optimizer != "adamw" and kwargs.get("optimizers", (None, None))[0] is None:
+                raise ValueError(f"method: its DistillConfig(optimizer={method.cfg.optimizer!r}) is for Distiller.train; "
+                                 f"the Trainer makes its own AdamW. Pass optimizers=(lrkd_fast.optim.WhitenedAdamW("
+                                 f"method.params, method.whitening_bases(batches), lr=...), scheduler) to use it")
         elif isinstance(method, LowRankClone):
             model = method
         else:

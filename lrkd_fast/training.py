@@ -228,6 +228,10 @@ class TrainingLoop:
         return os.path.join(self.cfg.checkpoint_dir, "diagnostics.png") if self.cfg.checkpoint_dir else None
 
     # ------------------------------------------------------------------ training
+    def _optimizer(self, get_batch: Callable) -> torch.optim.Optimizer:
+        """The optimizer of ``train`` (``get_batch(step)`` gives the run's batches): AdamW."""
+        return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
     def _lr_factor(self, step: int) -> float:
         """Warm-up over the first ``warmup`` of the run, then the decay. With a time cap the run's
         progress is whichever is further along, steps or minutes, so the schedule ends with the run."""
@@ -272,7 +276,7 @@ class TrainingLoop:
         # a reader with a read position (e.g. lrkd_fast.packed.PackedBatches): saved in and restored from checkpoints
         self._data = data if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") else None
         cfg = self.cfg
-        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = self._optimizer(get_batch)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         history = {"step": [], "loss": [], "parts": [], "tokens": 0, "seconds": 0.0, "stopped_early": False}
         start = 0

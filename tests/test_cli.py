@@ -66,6 +66,7 @@ def test_errors_name_the_flag(tmp_path, capsys, tiny_teacher_dir):
              (["--init", "pca"], "argument --init: pca is for --method lrc"),
              (["--method", "lrc", "--clone", "auto"], "argument --clone: is for --method swap"),
              (["--method", "lrc", "--rank", "4"], "argument --rank: is for --method swap"),
+             (["--method", "lrc", "--optimizer", "adamw"], "argument --optimizer: is for --method swap"),
              (["--init", "svd", "--allocation", "sensitivity"], "argument --allocation: 'sensitivity' needs init='whitened'"),
              (["--teacher", tiny_teacher_dir, "--rank", "40"], "argument --rank: layer 'encoder.layer.0.attention.self.query'"),
              (["--teacher", tiny_teacher_dir, "--heldout", "1915"], "argument --heldout: the data has 1921 texts")]

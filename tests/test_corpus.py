@@ -222,10 +222,12 @@ def test_corpus_size_experiment_runs_on_a_tiny_teacher(tmp_path, tiny_teacher_di
 def test_default_tuning_arms_and_texts():
     from benchmarks.default_tuning import parse_arm, training_texts
 
-    defaults = {"lr": 3e-4, "steps": 800, "batch": 16, "text": "all"}
+    defaults = {"lr": 3e-4, "steps": 800, "batch": 16, "text": "all", "opt": "whitened", "whiten": 1024}
     assert parse_arm("lr=1e-3,text=pydoc4", defaults) == {"lr": 1e-3, "steps": 800, "batch": 16, "text": "pydoc4",
+                                                         "opt": "whitened", "whiten": 1024,
                                                          "name": "lr=1e-3,text=pydoc4"}
-    for bad in ("rate=1", "lr", "text=books", "steps=0"):
+    assert parse_arm("opt=adamw,whiten=0", defaults)["opt"] == "adamw"
+    for bad in ("rate=1", "lr", "text=books", "steps=0", "opt=sgd", "whiten=-1"):
         with pytest.raises(ValueError, match="arm"):
             parse_arm(bad, defaults)
     train = [f"p{i}" for i in range(3)] + [f"o{i}" for i in range(10)]

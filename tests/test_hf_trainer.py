@@ -101,6 +101,15 @@ def test_trainer_refuses_what_it_cannot_train(tmp_path):
         DistillationTrainer(swap_method(), args, model=teacher())
     with pytest.raises(ValueError, match="inputs must be a mapping"):
         DistillationTrainer(swap_method(), args).compute_loss(None, [1, 2])
+    whitened = swap_method()
+    whitened.cfg.optimizer = "whitened"
+    with pytest.raises(ValueError, match=r"optimizer='whitened'\) is for Distiller.train.*optimizers="):
+        DistillationTrainer(whitened, args)
+    from lrkd_fast.optim import WhitenedAdamW
+
+    opt = WhitenedAdamW(whitened.params, whitened.whitening_bases([as_batch(rows()[:2])]), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    assert DistillationTrainer(whitened, args, optimizers=(opt, sched)).optimizer is opt
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ def test_defaults_have_one_owner_and_a_fixed_length():
     (SwapRecipe, dict(minutes=0), "minutes"), (SwapRecipe, dict(init="pca"), "init"),
     (SwapRecipe, dict(init="svd", allocation="sensitivity"), "allocation"),
     (SwapRecipe, dict(clone_modules="blocks"), "clone_modules"), (SwapRecipe, dict(seq_len=1), "seq_len"),
+    (SwapRecipe, dict(optimizer="sgd"), "optimizer"), (SwapRecipe, dict(whiten_max_features=0), "whiten_max_features"),
     (LRCRecipe, dict(init="whitened"), "init"), (LRCRecipe, dict(student_hidden=1), "student_hidden"),
     (LRCRecipe, dict(loss=0.2), "loss")])
 def test_settings_are_checked_and_errors_name_the_setting(cls, kw, field):
