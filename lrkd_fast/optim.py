@@ -12,6 +12,7 @@ of ``U``, so the learning rate means about the same for both.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -54,13 +55,14 @@ class WhitenedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, bases: Optional[Mapping[Tensor, Tensor]] = None, lr: float = 1e-3,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not (number(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if not weight_decay >= 0:
+        if not (number(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         owned = {id(p) for g in self.param_groups for p in g["params"]}

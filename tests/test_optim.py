@@ -81,8 +81,11 @@ def test_whitened_adamw_checks_its_arguments():
         WhitenedAdamW([p], {p: torch.eye(2)})
     with pytest.raises(ValueError, match="not among params"):
         WhitenedAdamW([p], {q: torch.eye(3)})
-    with pytest.raises(ValueError, match="lr must be >= 0"):
-        WhitenedAdamW([p], lr=-1.0)
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+            WhitenedAdamW([p], lr=bad)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        WhitenedAdamW([p], weight_decay=float("nan"))
     with pytest.raises(ValueError, match="optimizer must be one of"):
         DistillConfig(optimizer="sgd")
     for field, value in (("whiten_batches", 0), ("whiten_damping", 0.0), ("whiten_max_features", 0)):
